@@ -143,3 +143,106 @@ def flat_to_slot_torch(flat: torch.Tensor, numel: int, key: int) -> torch.Tensor
     for start in range(0, flat.numel(), CHUNK):
         out[start:start + CHUNK] = _walk(_unpermute, flat[start:start + CHUNK], numel, rks, a_radix, b_radix)
     return out
+
+
+# ---------------------------------------------------------------- Triton device functions (bit-identical to the twin)
+# Names differ from the twin's (round_keys_u32, _feistel_offset, _cycle_walk) so neither shadows the other.
+# Shared by kernels/positions.py, masked_grad.py and sparse_update.py. Every hash value is a uint32 tensor, so
+# multiplies wrap mod 2^32 and shifts are logical; radices and N are passed from the host (feistel_radices) as
+# int32 and cast here. Keys arrive as two uint32-valued ints k0, k1 (split_key): Triton makes ints >= 2^31 int64
+# arguments, so they are truncated to uint32 here. Constants are reduced mod 2^32 and made uint32 explicitly.
+# The multiplies and adds that wrap on purpose say sanitize_overflow=False: under TRITON_DEBUG=1 Triton otherwise
+# inserts overflow asserts into every integer op, and these would fire.
+
+
+def kernel_mask_args(numel: int, n: int, key: int) -> tuple[int, int, int, int, int]:
+    """(numel, A, B, k0, k1): the mask arguments every Triton kernel takes, in that order (0 <= n <= numel)."""
+    if triton is None:
+        raise RuntimeError("the Triton kernels need triton, which is not installed")
+    if not 0 <= n <= numel:
+        raise ValueError(f"n must be in [0, {numel}] for a matrix of {numel} entries, got {n}")
+    return (numel, *feistel_radices(numel), *split_key(key))
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional: the torch twin above is the whole CPU path
+    triton = None
+
+if triton is not None:
+    assert ROUNDS == 6, "the device functions unroll exactly 6 rounds (an even count: see _feistel)"
+    _GOLDEN = tl.constexpr(GOLDEN & M32)
+    _FMIX_C1 = tl.constexpr(FMIX_C1 & M32)
+    _FMIX_C2 = tl.constexpr(FMIX_C2 & M32)
+    _M32 = tl.constexpr(M32)
+
+    @triton.jit
+    def fmix32(h):
+        """murmur3 finalizer on a uint32 tensor."""
+        h ^= h >> 16
+        h = tl.mul(h, tl.full((), _FMIX_C1, tl.uint32), sanitize_overflow=False)
+        h ^= h >> 13
+        h = tl.mul(h, tl.full((), _FMIX_C2, tl.uint32), sanitize_overflow=False)
+        return h ^ (h >> 16)
+
+    @triton.jit
+    def _round_key(k0, k1, i: tl.constexpr):
+        """rk_i = fmix32(k0 ^ fmix32(k1 + GOLDEN * (i + 1))); the constant is reduced mod 2^32 at compile time."""
+        step = tl.full((), (_GOLDEN * (i + 1)) & _M32, tl.uint32)
+        return fmix32(k0 ^ fmix32(tl.add(k1, step, sanitize_overflow=False)))
+
+    @triton.jit
+    def round_keys_u32(k0, k1):
+        """The ROUNDS (= 6) uint32 round keys of a layer key, as a tuple of scalars."""
+        k0 = tl.cast(k0, tl.uint32)
+        k1 = tl.cast(k1, tl.uint32)
+        return (_round_key(k0, k1, 0), _round_key(k0, k1, 1), _round_key(k0, k1, 2),
+                _round_key(k0, k1, 3), _round_key(k0, k1, 4), _round_key(k0, k1, 5))
+
+    @triton.jit
+    def _feistel_offset(v, rk, m):
+        """reduce(F(v), m) = (fmix32((v * GOLDEN) ^ rk) * m) >> 32, in [0, m)."""
+        return tl.umulhi(fmix32(tl.mul(v, tl.full((), _GOLDEN, tl.uint32), sanitize_overflow=False) ^ rk), m)
+
+    @triton.jit
+    def _feistel(x, rks, a_radix, b_radix, INVERSE: tl.constexpr):
+        """P(x) on uint32 x in [0, A*B); with INVERSE, P^-1(x): the caller passes rks reversed, so step j is round
+        5 - j, whose parity is j's flipped (ROUNDS is even), and off is subtracted as adding m - off, which keeps
+        every value unsigned and in [0, 2m)."""
+        a = x // b_radix
+        b = x % b_radix
+        for j in tl.static_range(6):
+            if (j + INVERSE) % 2 == 0:  # even rounds move b, odd rounds move a
+                off = _feistel_offset(a, rks[j], b_radix)
+                b += (b_radix - off) if INVERSE else off
+                b = tl.where(b >= b_radix, b - b_radix, b)
+            else:
+                off = _feistel_offset(b, rks[j], a_radix)
+                a += (a_radix - off) if INVERSE else off
+                a = tl.where(a >= a_radix, a - a_radix, a)
+        return a * b_radix + b
+
+    @triton.jit
+    def _cycle_walk(x, numel, a_radix, b_radix, k0, k1, INVERSE: tl.constexpr):
+        rks = round_keys_u32(k0, k1)
+        if INVERSE:
+            rks = rks[::-1]
+        a_radix = tl.cast(a_radix, tl.uint32)
+        b_radix = tl.cast(b_radix, tl.uint32)
+        numel = tl.cast(numel, tl.uint32)
+        x = _feistel(tl.cast(x, tl.uint32), rks, a_radix, b_radix, INVERSE)
+        # Cycle-walking: rare (probability < 1/sqrt(N) per value); the block loops until none is left outside.
+        while tl.max((x >= numel).to(tl.int32)) > 0:
+            x = tl.where(x >= numel, _feistel(x, rks, a_radix, b_radix, INVERSE), x)
+        return x.to(tl.int64)
+
+    @triton.jit
+    def slot_to_flat(k, numel, a_radix, b_radix, k0, k1):
+        """sigma(k): flat positions (int64) of slots k in [0, numel) (any shape; mask lanes to a valid value)."""
+        return _cycle_walk(k, numel, a_radix, b_radix, k0, k1, False)
+
+    @triton.jit
+    def flat_to_slot(p, numel, a_radix, b_radix, k0, k1):
+        """sigma^-1(p): slots (int64) of flat positions p in [0, numel)."""
+        return _cycle_walk(p, numel, a_radix, b_radix, k0, k1, True)

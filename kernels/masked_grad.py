@@ -13,8 +13,9 @@ import torch
 
 # Bound on the torch twins' temporaries, whatever the layer and token count.
 TEMP_BYTES = 64 << 20
-# CPU crossover: the dense twin wins above this density (measured by benchmarks/bench_masked_grad.py).
-DENSE_DENSITY_CPU = 0.02
+# CPU crossover: the dense twin wins above this density. Measured with benchmarks/bench_masked_grad.py on the 2-core
+# CI machine, 512 fp32 tokens: between 1e-3 and 3e-3 for 1536x576, ~1e-3 for 576x576 (both variants scale with T).
+DENSE_DENSITY_CPU = 0.002
 
 
 def _token_chunk(width: int) -> int:
@@ -66,3 +67,125 @@ def masked_grad_torch(x, grad_y, rows, cols):
     if density > DENSE_DENSITY_CPU:
         return masked_grad_dense_torch(x, grad_y, rows, cols)
     return masked_grad_gather_torch(x, grad_y, rows, cols)
+
+
+# ---------------------------------------------------------------- Triton kernels (GPU; the tests run them interpreted)
+# Positions are computed inline from the key (kernels/mask_addressing.py); no index tensor is read.
+# Dtypes: x and grad_y are loaded in their own dtype (fp32/fp16/bf16, any strides) and the products are summed in
+# fp32. The gather kernel casts every load to fp32 before multiplying. The dense kernel feeds tl.dot with DOT_DTYPE:
+# on a GPU, fp16/bf16 operands go to the tensor cores as they are (their products are exact in fp32 and the
+# accumulator is fp32, so this equals the fp32 twin up to summation order), and fp32 operands use tf32x3 (three
+# tf32 passes: fp32-level accuracy, still on tensor cores; plain tf32 would lose ~3 decimal digits, which torch
+# does not do by default). Under TRITON_INTERPRET=1 (CPU tensors) DOT_DTYPE is fp32, because the interpreter's
+# bf16 arithmetic and bf16 tl.dot give garbage; a constexpr, so the GPU build carries no cast.
+from .mask_addressing import kernel_mask_args  # plain Python: raises a clear error when triton is missing
+
+try:
+    import triton
+    import triton.language as tl
+
+    from .mask_addressing import flat_to_slot, slot_to_flat
+except ImportError:  # triton is optional: masked_grad_torch is the whole CPU path
+    triton = None
+
+# GPU crossover: masked_grad_triton uses the dense kernel above this density. PROVISIONAL, not yet measured on a
+# GPU (benchmarks/bench_masked_grad.py must measure it and replace this value). The guess, for a 4096x4096 bf16
+# layer and 4096 tokens on an H100: dense ~0.2 ms of tensor-core GEMM plus ~0.2 ms of hashing in the epilogue
+# (~150 integer ops per entry); gather ~2*n*T scattered 32-byte sectors, ~d * 0.35 s from L2 at density d.
+DENSE_DENSITY_GPU = 0.002
+GATHER_BLOCK_K, GATHER_BLOCK_T = 128, 32
+DENSE_BLOCK_M, DENSE_BLOCK_N, DENSE_BLOCK_T, DENSE_GROUP_M = 64, 64, 32, 8
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["k0", "k1"])
+    def masked_grad_gather_kernel(x_ptr, gy_ptr, g_ptr, T, n, in_features, numel, a_radix, b_radix, k0, k1,
+                                  stride_xt, stride_xc, stride_gt, stride_gc,
+                                  BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+        # g[k] = sum_t grad_y[t, r_k] * x[t, c_k] (fp32) for the BLOCK_K slots k of this program; (r_k, c_k) from
+        # the key; tokens in chunks of BLOCK_T, each a gathered (BLOCK_T, BLOCK_K) tile of grad_y and of x.
+        # Block sizes: BLOCK_K = 128 slots, BLOCK_T = 32 tokens (GATHER_BLOCK_*); grid: cdiv(n, BLOCK_K).
+        k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+        live = k < n
+        p = slot_to_flat(tl.where(live, k, 0), numel, a_radix, b_radix, k0, k1)
+        gy_cols = gy_ptr + (p // in_features)[None, :] * stride_gc
+        x_cols = x_ptr + (p % in_features)[None, :] * stride_xc
+        acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+            m = (t < T)[:, None] & live[None, :]
+            gy = tl.load(gy_cols + t[:, None] * stride_gt, mask=m, other=0.0).to(tl.float32)
+            xv = tl.load(x_cols + t[:, None] * stride_xt, mask=m, other=0.0).to(tl.float32)
+            acc += gy * xv
+        tl.store(g_ptr + k, tl.sum(acc, axis=0), mask=live)
+
+    @triton.jit(do_not_specialize=["k0", "k1"])
+    def masked_grad_dense_kernel(x_ptr, gy_ptr, g_ptr, T, n, out_features, in_features, numel, a_radix, b_radix,
+                                 k0, k1, stride_xt, stride_xc, stride_gt, stride_gc,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                                 GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr):
+        # acc = (grad_y^T x)[r0:r0+BLOCK_M, c0:c0+BLOCK_N] = sum_t grad_y[t, r] * x[t, c] via tl.dot over BLOCK_T
+        # token chunks (fp32 accumulator); epilogue: g[sigma^-1(r*in + c)] = acc[r, c] where that slot is < n.
+        # sigma is a bijection, so every slot is written by exactly one program: no atomics, no zero-init.
+        # Tiles are visited in groups of GROUP_M tile-rows so the x columns they share stay in L2.
+        # Block sizes: BLOCK_M x BLOCK_N = 64 x 64 entries, BLOCK_T = 32 tokens, GROUP_M = 8 (DENSE_BLOCK_*);
+        # grid: one program per tile (1-D, so any width fits).
+        pid = tl.program_id(0)
+        tiles_m = tl.cdiv(out_features, BLOCK_M)
+        tiles_n = tl.cdiv(in_features, BLOCK_N)
+        group_first = (pid // (GROUP_M * tiles_n)) * GROUP_M
+        group_size = tl.minimum(tiles_m - group_first, GROUP_M)
+        in_group = pid % (GROUP_M * tiles_n)
+        r = (group_first + in_group % group_size).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = (in_group // group_size).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        r_in, c_in = r < out_features, c < in_features
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+            gy_t = tl.load(gy_ptr + r[:, None] * stride_gc + t[None, :] * stride_gt,
+                           mask=r_in[:, None] & (t < T)[None, :], other=0.0)
+            xv = tl.load(x_ptr + t[:, None] * stride_xt + c[None, :] * stride_xc,
+                         mask=(t < T)[:, None] & c_in[None, :], other=0.0)
+            acc = tl.dot(gy_t.to(DOT_DTYPE), xv.to(DOT_DTYPE), acc, input_precision="tf32x3")
+        inside = r_in[:, None] & c_in[None, :]
+        p = r[:, None] * in_features + c[None, :]
+        slot = flat_to_slot(tl.where(inside, p, 0), numel, a_radix, b_radix, k0, k1)
+        tl.store(g_ptr + slot, acc, mask=inside & (slot < n))
+
+
+def _launch_masked_grad(x, grad_y, n, key, dense: bool):
+    if x.dim() != 2 or grad_y.dim() != 2 or x.shape[0] != grad_y.shape[0]:
+        raise ValueError(f"x (T, in) and grad_y (T, out) must share T, got {tuple(x.shape)}, {tuple(grad_y.shape)}")
+    (T, in_features), out_features = x.shape, grad_y.shape[1]
+    common = (*kernel_mask_args(out_features * in_features, n, key), *x.stride(), *grad_y.stride())
+    if n == 0 or T == 0:
+        return torch.zeros(n, dtype=torch.float32, device=x.device)
+    g = torch.empty(n, dtype=torch.float32, device=x.device)
+    args = (x, grad_y, g, T, n)
+    if not dense:
+        grid = (triton.cdiv(n, GATHER_BLOCK_K),)
+        masked_grad_gather_kernel[grid](*args, in_features, *common, BLOCK_K=GATHER_BLOCK_K, BLOCK_T=GATHER_BLOCK_T)
+        return g
+    half = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+    dot_dtype = half.get(x.dtype, tl.float32) if x.is_cuda and x.dtype == grad_y.dtype else tl.float32
+    grid = (triton.cdiv(out_features, DENSE_BLOCK_M) * triton.cdiv(in_features, DENSE_BLOCK_N),)
+    masked_grad_dense_kernel[grid](*args, out_features, in_features, *common, BLOCK_M=DENSE_BLOCK_M,
+                                   BLOCK_N=DENSE_BLOCK_N, BLOCK_T=DENSE_BLOCK_T, GROUP_M=DENSE_GROUP_M,
+                                   DOT_DTYPE=dot_dtype)
+    return g
+
+
+def masked_grad_gather_triton(x, grad_y, n, key):
+    """g (fp32, length n) by one gathered dot product over tokens per slot: for tiny density."""
+    return _launch_masked_grad(x, grad_y, n, key, dense=False)
+
+
+def masked_grad_dense_triton(x, grad_y, n, key):
+    """g (fp32, length n) from tiles of grad_y^T x that keep only their masked entries: for higher density."""
+    return _launch_masked_grad(x, grad_y, n, key, dense=True)
+
+
+def masked_grad_triton(x, grad_y, n, key):
+    """GPU dispatcher between the two kernels, by density (DENSE_DENSITY_GPU)."""
+    dense = n > DENSE_DENSITY_GPU * grad_y.shape[-1] * x.shape[-1]
+    return _launch_masked_grad(x, grad_y, n, key, dense=dense)

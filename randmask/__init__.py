@@ -1,5 +1,11 @@
-"""randmask: fine-tune a fixed, uniformly random subset of a pretrained model's weights (Xu & Zhang, ICML 2024)."""
-from randmask.addressing import MASK_SCHEME, count_for_density, layer_key, mask_positions, mask_slots
+"""randmask: fine-tune a fixed, uniformly random subset of a pretrained model's weights (Xu & Zhang, ICML 2024).
+
+The data path: seed -> layer_key -> mask_positions (addressing) -> kernels (randmask.kernels) ->
+MaskedLinearFunction (functional) -> MaskedLinear (layer).
+"""
+from randmask.addressing import MASK_SCHEME, MatrixMask, count_for_density, layer_key, mask_positions, mask_slots
+from randmask.layer import MaskedLinear
 
 __version__ = "0.1.0"
-__all__ = ["MASK_SCHEME", "count_for_density", "layer_key", "mask_positions", "mask_slots"]
+__all__ = ["MASK_SCHEME", "MaskedLinear", "MatrixMask", "count_for_density", "layer_key", "mask_positions",
+           "mask_slots"]

@@ -11,7 +11,7 @@ import torch
 from randmask.backend import use_triton
 from randmask.kernels.mask_addressing import MASK_SCHEME, MAX_ENTRIES, flat_to_slot_torch, slot_to_flat_torch
 
-__all__ = ["MASK_SCHEME", "layer_key", "count_for_density", "mask_positions", "mask_slots"]
+__all__ = ["MASK_SCHEME", "MatrixMask", "layer_key", "count_for_density", "mask_positions", "mask_slots"]
 
 
 def layer_key(seed: int, name: str) -> int:
@@ -84,3 +84,30 @@ def mask_slots(rows: torch.Tensor, cols: torch.Tensor, shape, n: int, key: int) 
         return mask_slots_triton(rows, cols, out_features, in_features, n, key)
     slots = flat_to_slot_torch((rows * in_features + cols).flatten(), out_features * in_features, key)
     return torch.where(slots < n, slots, -1).view(rows.shape)
+
+
+class MatrixMask:
+    """The mask of one (out, in) matrix: n trainable values keyed by `key`. Holds no index tensor until the torch
+    twins ask for positions, which it then keeps (on the one device last asked for) so a CPU training step does
+    not recompute them; Triton kernels compute positions inline and never call this."""
+
+    def __init__(self, shape, n: int, key: int):
+        self.shape = _check_shape(shape)
+        self.n = _check_count(n, self.shape[0] * self.shape[1])
+        if not isinstance(key, int) or not 0 <= key < 2**64:
+            raise ValueError(f"key must be an unsigned 64-bit int, got {key!r}")
+        self.key = key
+        self._positions = None
+
+    @property
+    def density(self) -> float:
+        return self.n / max(1, self.shape[0] * self.shape[1])
+
+    def positions(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        device = torch.device("cpu" if device is None else device)
+        if self._positions is None or self._positions[0].device != device:
+            self._positions = mask_positions(self.shape, self.n, self.key, device)
+        return self._positions
+
+    def __repr__(self):
+        return f"MatrixMask(shape={self.shape}, n={self.n}, key={self.key:#018x})"

@@ -1,0 +1,3 @@
+from randmask.cli import main
+
+main()

@@ -1,0 +1,126 @@
+"""MaskedLinear: a drop-in nn.Linear whose only trainable values are n seed-addressed entries of its weight."""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from randmask.addressing import MatrixMask, count_for_density, layer_key, mask_positions
+from randmask.functional import gather_weight, masked_linear, sparse_update
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# Counts optimizer steps of any torch optimizer. A fused optimizer (AdamW(fused=True)) writes its parameters without
+# bumping their version counter, so a layer re-syncs when either this count or delta's version moved.
+_optimizer_steps = 0
+
+
+def _count_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+def _resolve_count(shape, density, n) -> int:
+    if (density is None) == (n is None):
+        raise ValueError("give exactly one of density (fraction of the matrix) and n (number of trainable values)")
+    return count_for_density(shape, density) if n is None else n
+
+
+class MaskedLinear(nn.Module):
+    """y = x W^T + b where W = W0 + delta at n fixed positions chosen by (seed, name); everything else frozen.
+
+    `weight` holds the merged values: W0 outside the mask (bitwise untouched) and round(W0_k + delta[k]) at the mask,
+    so the forward pass is a plain F.linear. `delta` (fp32, starts at 0) is the only trainable parameter; `base`
+    keeps the n original values W0_k in the weight's dtype. After an optimizer changes `delta` in place, the next
+    forward (or `sync()`) writes the merged entries. Any torch optimizer's step is detected; a change made by hand
+    through `delta.data` is not (it bypasses the version counter), so call `sync()` after one.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, *, density=None, n=None, seed=0, name="",
+                 device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        weight = torch.empty(out_features, in_features, **factory)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's initialisation
+        bias_param = None
+        if bias:
+            bias_param = torch.empty(out_features, **factory)
+            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+            nn.init.uniform_(bias_param, -bound, bound)
+        self._attach(weight, bias_param, density=density, n=n, seed=seed, name=name)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, density=None, n=None, seed=0, name="") -> "MaskedLinear":
+        """Wrap an existing nn.Linear, reusing its weight and bias storage (no copy of the dense weight).
+
+        The linear's own parameters are frozen and, since the storage is shared, see the merged weights too."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._attach(linear.weight, linear.bias, density=density, n=n, seed=seed, name=name)
+        return layer
+
+    def _attach(self, weight, bias, *, density, n, seed, name):
+        if weight.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"MaskedLinear needs a floating-point weight, got {weight.dtype}")
+        self.out_features, self.in_features = weight.shape
+        self.seed, self.name = seed, name
+        self.mask = MatrixMask(tuple(weight.shape), _resolve_count(tuple(weight.shape), density, n),
+                               layer_key(seed, name))
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.weight.requires_grad_(False)
+        if bias is not None:
+            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+            self.bias.requires_grad_(False)
+        else:
+            self.register_parameter("bias", None)
+        with torch.no_grad():
+            self.register_buffer("base", gather_weight(self.weight, self.mask).clone())
+        self.delta = nn.Parameter(torch.zeros(self.mask.n, dtype=torch.float32, device=weight.device))
+        self._synced = (self.delta._version, _optimizer_steps)
+
+    # ------------------------------------------------------------------ what a user reads
+    @property
+    def n(self) -> int:
+        return self.mask.n
+
+    @property
+    def density(self) -> float:
+        return self.mask.density
+
+    @property
+    def key(self) -> int:
+        return self.mask.key
+
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols) of the trainable values in slot order: delta[k] belongs to weight[rows[k], cols[k]]."""
+        return mask_positions(self.mask.shape, self.n, self.key, self.weight.device)
+
+    # ------------------------------------------------------------------ training
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Write round(W0_k + delta[k]) into the weight's masked entries."""
+        if self.n:
+            sparse_update(self.weight, self.base, self.delta, self.mask)
+        self._synced = (self.delta._version, _optimizer_steps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"input's last dimension is {tuple(x.shape[-1:])}, MaskedLinear expects "
+                             f"{self.in_features} (input shape {tuple(x.shape)})")
+        if x.device != self.weight.device:
+            raise ValueError(f"input is on {x.device}, MaskedLinear's weight is on {self.weight.device}")
+        if (self.delta._version, _optimizer_steps) != self._synced:
+            self.sync()
+        if not (self.delta.requires_grad and torch.is_grad_enabled()):
+            return F.linear(x, self.weight, self.bias)  # inference: nothing to route back
+        return masked_linear(x, self.weight, self.bias, self.delta, self.mask)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"n={self.n}, density={self.density:.3g}, seed={self.seed}, name={self.name!r}")

@@ -1,0 +1,39 @@
+"""Masking a big layer costs memory in proportion to n, never to out x in. Measured as the growth of the process's
+peak resident memory (ru_maxrss) in a fresh process, after the 8192 x 8192 weight itself has been made and touched."""
+import subprocess
+import sys
+
+
+
+SCRIPT = """
+import resource, sys, torch, torch.nn as nn
+from randmask import MaskedLinear
+linear = nn.utils.skip_init(nn.Linear, 8192, 8192, bias=False)
+linear.weight.requires_grad_(False).fill_(0.5)             # 256 MB, touched before measuring
+MaskedLinear.from_linear(nn.Linear(64, 64), density=0.1)   # warm up lazy imports and allocator pools
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[1] == "dense":                                  # the harness must see a dense bool mask (64 MB)
+    extra = torch.ones(8192, 8192, dtype=torch.bool).sum()
+else:
+    layer = MaskedLinear.from_linear(linear, density=1e-5, name="big")
+    assert layer.n == 671 and layer.weight.data_ptr() == linear.weight.data_ptr()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)   # KiB
+"""
+
+
+def peak_growth_kib(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True,
+                         env={"RANDMASK_BACKEND": "torch", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
+def test_the_measurement_sees_a_dense_temporary():
+    assert peak_growth_kib("dense") > 60 * 1024
+
+
+def test_from_linear_on_8192_square_allocates_o_n():
+    # n = 671: delta (4 B), base (4 B) and cached positions (16 B) per value is ~16 KB, and the position arithmetic
+    # works in chunks of at most 64K int64 values (~a few MB). Any out x in temporary would be >= 64 MB.
+    growth = peak_growth_kib("masked")
+    assert growth < 8 * 1024, f"peak resident memory grew by {growth / 1024:.1f} MB"

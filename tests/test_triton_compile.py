@@ -1,0 +1,102 @@
+"""Every Triton kernel lowers to GPU machine code (PTX and cubin) for sm_90 and sm_80, on a machine without a GPU.
+
+Under TRITON_INTERPRET=1 (set by conftest.py) triton.jit gives interpreted functions, so the compiling happens in
+subprocesses with TRITON_INTERPRET unset: this file run as a script, one process per architecture (both at once),
+each compiling every kernel variant with triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget)
+into a fresh cache directory and printing one JSON line of results.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ARCHS = (90, 80)
+# Dtypes of the pointer arguments of each variant; other arguments are i32, except the key halves k0, k1: i64
+# (what Triton makes of a half >= 2^31). The sparse gather passes its output as delta too.
+VARIANTS = {
+    "mask_positions": ("positions", "mask_positions_kernel", {"rows_ptr": "i64", "cols_ptr": "i64"}, {}),
+    "mask_slots": ("positions", "mask_slots_kernel", {"rows_ptr": "i64", "cols_ptr": "i64", "slots_ptr": "i64"}, {}),
+    "masked_grad_gather_bf16": ("masked_grad", "masked_grad_gather_kernel",
+                                {"x_ptr": "bf16", "gy_ptr": "bf16", "g_ptr": "fp32"}, {}),
+    "masked_grad_dense_bf16": ("masked_grad", "masked_grad_dense_kernel",
+                               {"x_ptr": "bf16", "gy_ptr": "bf16", "g_ptr": "fp32"}, {"DOT_DTYPE": "bfloat16"}),
+    "masked_grad_dense_fp16": ("masked_grad", "masked_grad_dense_kernel",
+                               {"x_ptr": "fp16", "gy_ptr": "fp16", "g_ptr": "fp32"}, {"DOT_DTYPE": "float16"}),
+    "masked_grad_dense_fp32": ("masked_grad", "masked_grad_dense_kernel",
+                               {"x_ptr": "fp32", "gy_ptr": "fp32", "g_ptr": "fp32"}, {"DOT_DTYPE": "float32"}),
+    "gather_weight_bf16": ("sparse_update", "sparse_weight_kernel",
+                           {"weight_ptr": "bf16", "base_ptr": "bf16", "delta_ptr": "bf16"}, {"UPDATE": False}),
+    "sparse_update_bf16": ("sparse_update", "sparse_weight_kernel",
+                           {"weight_ptr": "bf16", "base_ptr": "bf16", "delta_ptr": "fp32"}, {"UPDATE": True}),
+}
+
+
+def compile_all(cap: int) -> dict:
+    """{variant: {"ok", "error", "ptx_entry", "cubin_bytes"}} for one compute capability (without the interpreter)."""
+    import importlib
+    import traceback
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+
+    results = {}
+    for name, (module, kernel, pointers, extra) in VARIANTS.items():
+        try:
+            mod = importlib.import_module(f"randmask.kernels.{module}")
+            fn = getattr(mod, kernel)
+            constexprs = {}
+            for arg in fn.arg_names:  # block sizes: the module constants the launchers pass
+                if arg == "BLOCK":
+                    constexprs[arg] = mod.BLOCK
+                elif arg.startswith(("BLOCK_", "GROUP_")):
+                    constexprs[arg] = getattr(mod, ("GATHER_" if "gather" in kernel else "DENSE_") + arg)
+            constexprs.update({k: getattr(tl, v) if isinstance(v, str) else v for k, v in extra.items()})
+            signature = {arg: "constexpr" if arg in constexprs else f"*{pointers[arg]}" if arg in pointers
+                         else "i64" if arg in ("k0", "k1") else "i32" for arg in fn.arg_names}
+            attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if arg in pointers}
+            src = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32))
+            results[name] = {"ok": True, "error": "", "ptx_entry": f".entry {kernel}(" in compiled.asm["ptx"],
+                             "cubin_bytes": len(compiled.asm["cubin"])}
+        except Exception:  # reported per variant by the tests
+            results[name] = {"ok": False, "error": traceback.format_exc(limit=-3), "ptx_entry": False,
+                             "cubin_bytes": 0}
+    return results
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # a fresh cache: really compile
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9's default, said explicitly to silence its warning
+    procs = {cap: subprocess.Popen([sys.executable, __file__, str(cap)], env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for cap in ARCHS}
+    results = {}
+    try:
+        for cap, proc in procs.items():
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, f"the sm_{cap} compile process failed:\n{err[-4000:]}"
+            results[cap] = json.loads(out.strip().splitlines()[-1])
+    finally:
+        for proc in procs.values():  # on a timeout or failure, leave no compiler process behind
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+@pytest.mark.parametrize("cap", ARCHS)
+@pytest.mark.parametrize("name", VARIANTS)
+def test_kernel_compiles(compiled, name, cap):
+    result = compiled[cap][name]
+    assert result["ok"], f"{name} does not compile for sm_{cap}:\n{result['error']}"
+    assert result["ptx_entry"], f"the PTX of {name} for sm_{cap} has no entry named {VARIANTS[name][1]}"
+    assert result["cubin_bytes"] > 0
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_all(int(sys.argv[1]))))

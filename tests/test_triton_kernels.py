@@ -1,0 +1,175 @@
+"""The Triton kernels, run by the interpreter (TRITON_INTERPRET=1, set in conftest.py) on CPU tensors, against the
+committed mask-scheme-1 vectors and the torch twins. The interpreter costs ~15-50 ms per program instance here, so
+every grid is a few programs."""
+import os
+import pathlib
+from collections import defaultdict
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from randmask.kernels import masked_grad as mg  # noqa: E402
+from randmask.kernels import sparse_update as su  # noqa: E402
+from randmask.kernels.mask_addressing import (  # noqa: E402
+    feistel_radices, flat_to_slot_torch, slot_to_flat, slot_to_flat_torch, split_key)
+from randmask.kernels.positions import mask_positions_triton, mask_slots_triton  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
+
+VECTORS = pathlib.Path(__file__).parent / "vectors" / "mask_scheme1.txt"
+KEY = 0x0123456789ABCDEF
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _slot_to_flat_kernel(slots_ptr, flat_ptr, count, numel, a_radix, b_radix, k0, k1, BLOCK: tl.constexpr):
+    # flat[i] = sigma(slots[i]): the device function on arbitrary slots (the launchers only enumerate 0..n-1)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    flat = slot_to_flat(tl.load(slots_ptr + i, mask=i < count, other=0), numel, a_radix, b_radix, k0, k1)
+    tl.store(flat_ptr + i, flat, mask=i < count)
+
+
+def _vector_groups():
+    groups = defaultdict(list)
+    for line in VECTORS.read_text().splitlines():
+        if line and not line.startswith("#"):
+            out_features, in_features, key, slot, row, col = map(int, line.split())
+            groups[(out_features, in_features, key)].append((slot, row, col))
+    return groups
+
+
+def _positions_torch(shape, n, key):
+    flat = slot_to_flat_torch(torch.arange(n), shape[0] * shape[1], key)
+    return flat // shape[1], flat % shape[1]
+
+
+# ---------------------------------------------------------------- addressing
+def test_committed_vectors_both_directions():
+    groups = _vector_groups()
+    assert len(groups) == 70  # 14 shapes x 5 keys
+    for (out_features, in_features, key), entries in groups.items():
+        slots, rows, cols = torch.tensor(entries).T.contiguous()
+        numel = out_features * in_features
+        flat = torch.empty_like(slots)
+        _slot_to_flat_kernel[(1,)](slots, flat, len(slots), numel, *feistel_radices(numel), *split_key(key),
+                                   BLOCK=32)
+        where = f"{out_features}x{in_features} key {key}"
+        assert torch.equal(flat // in_features, rows) and torch.equal(flat % in_features, cols), where
+        # inverse through the launcher; with n = median slot, every slot >= n must come back as -1
+        n = int(slots.median())
+        expected = torch.where(slots < n, slots, -1)
+        assert torch.equal(mask_slots_triton(rows, cols, out_features, in_features, n, key), expected), where
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (1, 1031), (1031, 1), (97, 89), (64, 64)])
+def test_positions_and_slots_match_twin(shape):
+    numel = shape[0] * shape[1]
+    rows_all = torch.arange(numel) // shape[1]
+    cols_all = torch.arange(numel) % shape[1]
+    for n in sorted({0, 1, numel // 3, numel}):
+        rows, cols = mask_positions_triton(*shape, n, KEY, "cpu")
+        ref_rows, ref_cols = _positions_torch(shape, n, KEY)
+        assert rows.dtype == torch.int64 and torch.equal(rows, ref_rows) and torch.equal(cols, ref_cols), (shape, n)
+        # every position of the matrix, laid out (in, out) and transposed: a non-contiguous 2-D query
+        slots = mask_slots_triton(rows_all.view(shape).T, cols_all.view(shape).T, *shape, n, KEY)
+        ref = flat_to_slot_torch(torch.arange(numel), numel, KEY)
+        assert torch.equal(slots, torch.where(ref < n, ref, -1).view(shape).T), (shape, n)
+        assert torch.equal(slots.T.reshape(-1)[rows * shape[1] + cols], torch.arange(n))
+
+
+def test_public_api_dispatches_to_triton(monkeypatch):
+    from randmask.addressing import mask_positions, mask_slots
+
+    shape, n, key = (97, 89), 700, 2**64 - 1
+    every = torch.arange(shape[0] * shape[1])
+    monkeypatch.setenv("RANDMASK_BACKEND", "torch")
+    ref_rows, ref_cols = mask_positions(shape, n, key)
+    ref_slots = mask_slots(every // shape[1], every % shape[1], shape, n, key)
+    monkeypatch.setenv("RANDMASK_BACKEND", "triton")
+    rows, cols = mask_positions(shape, n, key)
+    assert torch.equal(rows, ref_rows) and torch.equal(cols, ref_cols)
+    assert torch.equal(mask_slots(every // shape[1], every % shape[1], shape, n, key), ref_slots)
+
+
+# ---------------------------------------------------------------- masked gradient
+def _activations(shape, tokens, dtype, contiguous):
+    """x (T, in) and grad_y (T, out); non-contiguous: x a transposed (in, T) buffer, grad_y every other column."""
+    gen = torch.Generator().manual_seed(7)
+    out_features, in_features = shape
+    if contiguous:
+        return (torch.randn(tokens, in_features, generator=gen).to(dtype),
+                torch.randn(tokens, out_features, generator=gen).to(dtype))
+    return (torch.randn(in_features, tokens, generator=gen).to(dtype).T,
+            torch.randn(tokens, 2 * out_features, generator=gen).to(dtype)[:, ::2])
+
+
+# T = 77 and 40 are not multiples of the token blocks (32); (70, 90) and (33, 130) not of the 64x64 tiles.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,tokens,contiguous", [((70, 90), 77, False), ((33, 130), 40, True)])
+@pytest.mark.parametrize("launcher", [mg.masked_grad_gather_triton, mg.masked_grad_dense_triton],
+                         ids=["gather", "dense"])
+def test_masked_grad_matches_twin(launcher, shape, tokens, contiguous, dtype):
+    x, grad_y = _activations(shape, tokens, dtype, contiguous)
+    assert x.is_contiguous() == contiguous and grad_y.is_contiguous() == contiguous
+    numel = shape[0] * shape[1]
+    # the dense kernel costs the same at any n; the gather kernel's grid grows with n, so it gets smaller counts
+    counts = (0, 1, 300) if launcher is mg.masked_grad_gather_triton else (0, 1, numel // 3, numel)
+    for n in counts:
+        rows, cols = _positions_torch(shape, n, KEY)
+        got = launcher(x, grad_y, n, KEY)
+        assert got.dtype == torch.float32 and got.shape == (n,)
+        # same fp32 products, another summation order
+        torch.testing.assert_close(got, mg.masked_grad_gather_torch(x, grad_y, rows, cols), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("launcher", [mg.masked_grad_gather_triton, mg.masked_grad_dense_triton, mg.masked_grad_triton])
+def test_masked_grad_no_tokens(launcher):
+    x, grad_y = torch.empty(0, 9), torch.empty(0, 5)
+    assert torch.equal(launcher(x, grad_y, 20, KEY), torch.zeros(20))
+
+
+def test_masked_grad_dispatch_by_density(monkeypatch):
+    chosen = []
+    launch = mg._launch_masked_grad
+    monkeypatch.setattr(mg, "_launch_masked_grad", lambda *a, dense: chosen.append(dense) or launch(*a, dense=dense))
+    x, grad_y = _activations((20, 50), 8, torch.float32, True)
+    threshold = int(mg.DENSE_DENSITY_GPU * 1000)
+    for n in (threshold, threshold + 1):
+        rows, cols = _positions_torch((20, 50), n, KEY)
+        torch.testing.assert_close(mg.masked_grad_triton(x, grad_y, n, KEY),
+                                   mg.masked_grad_gather_torch(x, grad_y, rows, cols), rtol=1e-5, atol=1e-5)
+    assert chosen == [False, True]
+
+
+# ---------------------------------------------------------------- sparse weight access
+def _assert_bf16_within_one_ulp(got, ref):
+    # The interpreter turns fp32 into bf16 by dropping the low 16 bits (truncation); a GPU and torch round to nearest
+    # even. Same sign, so the bit patterns of the two results differ by at most one.
+    assert ((got.view(torch.int16).int() - ref.view(torch.int16).int()).abs() <= 1).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(70, 90), (1, 1031)])
+def test_gather_and_update_match_twins(shape, dtype):
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(shape[1], shape[0], generator=gen).to(dtype).T  # non-contiguous (out, in)
+    numel = shape[0] * shape[1]
+    for n in (0, 7, numel // 2, numel):
+        rows, cols = _positions_torch(shape, n, KEY)
+        base = su.gather_weight_triton(weight, n, KEY)
+        assert base.dtype == dtype and torch.equal(base, su.gather_weight_torch(weight, rows, cols))
+        delta = torch.randn(n, generator=gen) * 0.1
+        got, ref = weight.clone(), weight.clone()
+        assert su.sparse_update_triton(got, base, delta, KEY) is got
+        su.sparse_update_torch(ref, base, delta, rows, cols)
+        untouched = torch.ones(shape, dtype=torch.bool)
+        untouched[rows, cols] = False
+        assert torch.equal(got[untouched], weight[untouched])  # bitwise: only the n masked entries move
+        if dtype == torch.bfloat16:
+            _assert_bf16_within_one_ulp(got[rows, cols], ref[rows, cols])
+        else:
+            assert torch.equal(got, ref)
