@@ -230,3 +230,21 @@ def test_bad_input_is_a_clear_error():
         layer(torch.randn(3, 19))
     with pytest.raises(ValueError, match="input is on meta"):
         layer(torch.randn(3, 20, device="meta"))
+
+
+@pytest.mark.parametrize("variant", ["gather", "dense"])
+@pytest.mark.parametrize("temp_bytes", [64 << 20, 4096], ids=["one-chunk", "many-chunks"])
+@pytest.mark.parametrize("density", [0.001, 0.05, 1.0])
+def test_cpu_twins_match_the_dense_gradient(monkeypatch, variant, temp_bytes, density):
+    """Both torch twins (whatever the dispatcher would pick) equal grad_y^T x gathered at the positions, also when a
+    tiny temporary budget forces many token, slot and row chunks."""
+    from randmask.kernels import masked_grad as op
+
+    monkeypatch.setattr(op, "TEMP_BYTES", temp_bytes)
+    torch.manual_seed(7)
+    shape = (70, 90)
+    x, grad_y = torch.randn(45, 90).t().contiguous().t(), torch.randn(45, 70)  # x column-major: strided rows
+    rows, cols = mask_positions(shape, round(density * 70 * 90), 11)
+    twin = op.masked_grad_gather_torch if variant == "gather" else op.masked_grad_dense_torch
+    expected = (grad_y.double().t() @ x.double())[rows, cols].float()
+    torch.testing.assert_close(twin(x, grad_y, rows, cols), expected, rtol=1e-5, atol=1e-5)
