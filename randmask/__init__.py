@@ -5,7 +5,10 @@ MaskedLinearFunction (functional) -> MaskedLinear (layer).
 """
 from randmask.addressing import MASK_SCHEME, MatrixMask, count_for_density, layer_key, mask_positions, mask_slots
 from randmask.layer import MaskedLinear
+from randmask.model import (RandMaskConfig, apply, masked_layers, plan, print_trainable_parameters,
+                            trainable_parameters)
 
 __version__ = "0.1.0"
-__all__ = ["MASK_SCHEME", "MaskedLinear", "MatrixMask", "count_for_density", "layer_key", "mask_positions",
-           "mask_slots"]
+__all__ = ["MASK_SCHEME", "MaskedLinear", "MatrixMask", "RandMaskConfig", "apply", "count_for_density", "layer_key",
+           "mask_positions", "mask_slots", "masked_layers", "plan", "print_trainable_parameters",
+           "trainable_parameters"]

@@ -1,5 +1,6 @@
 """MaskedLinear: a drop-in nn.Linear whose only trainable values are n seed-addressed entries of its weight."""
 import math
+import weakref
 
 import torch
 import torch.nn as nn
@@ -11,17 +12,40 @@ from randmask.functional import gather_weight, masked_linear, sparse_update
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2), recognised without importing transformers."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and \
+        module.weight.dim() == 2 and hasattr(module, "nf")
+
 # Counts optimizer steps of any torch optimizer. A fused optimizer (AdamW(fused=True)) writes its parameters without
-# bumping their version counter, so a layer re-syncs when either this count or delta's version moved.
+# bumping their version counter, so a layer re-syncs when either this count or delta's version moved. An optimizer
+# that writes the merged weights itself (randmask.optim.MaskedAdamW) sets `writes_merged_weights` and calls
+# `mark_synced()` on the layers it stepped, so they do not sync twice.
 _optimizer_steps = 0
 
 
 def _count_step(optimizer, args, kwargs):
     global _optimizer_steps
-    _optimizer_steps += 1
+    if not getattr(optimizer, "writes_merged_weights", False):
+        _optimizer_steps += 1
 
 
 register_optimizer_step_post_hook(_count_step)
+
+# delta parameter -> weakref to its layer, so an optimizer given only parameters can find a delta's layer.
+_LAYER_OF_DELTA = weakref.WeakKeyDictionary()
+
+
+def _register(layer) -> None:
+    _LAYER_OF_DELTA[layer.delta] = weakref.ref(layer)
+
+
+def layer_of(delta: torch.Tensor):
+    """The MaskedLinear whose `delta` this is, or None."""
+    ref = _LAYER_OF_DELTA.get(delta)
+    layer = ref() if ref is not None else None
+    return layer if layer is not None and layer.delta is delta else None
 
 
 def _resolve_count(shape, density, n) -> int:
@@ -43,6 +67,7 @@ class MaskedLinear(nn.Module):
     def __init__(self, in_features, out_features, bias=True, *, density=None, n=None, seed=0, name="",
                  device=None, dtype=None):
         super().__init__()
+        self.transposed = False  # True when wrapping a Conv1D: weight is a transposed view of its (in, out) storage
         factory = {"device": device, "dtype": dtype}
         weight = torch.empty(out_features, in_features, **factory)
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's initialisation
@@ -54,15 +79,22 @@ class MaskedLinear(nn.Module):
         self._attach(weight, bias_param, density=density, n=n, seed=seed, name=name)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, density=None, n=None, seed=0, name="") -> "MaskedLinear":
-        """Wrap an existing nn.Linear, reusing its weight and bias storage (no copy of the dense weight).
+    def from_linear(cls, linear: nn.Module, *, density=None, n=None, seed=0, name="") -> "MaskedLinear":
+        """Wrap an existing nn.Linear, or a transformers Conv1D (GPT-2's transposed (in, out) layout), reusing its
+        weight and bias storage (no copy of the dense weight).
 
-        The linear's own parameters are frozen and, since the storage is shared, see the merged weights too."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
+        The original module's parameters are frozen and, since the storage is shared, see the merged weights too.
+        For a Conv1D the mask addresses the logical (out, in) matrix, a transposed view of its weight."""
+        if isinstance(linear, nn.Linear):
+            weight, transposed = linear.weight, False
+        elif _is_conv1d(linear):
+            weight, transposed = linear.weight.detach().t(), True
+        else:
+            raise TypeError(f"from_linear takes an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._attach(linear.weight, linear.bias, density=density, n=n, seed=seed, name=name)
+        layer.transposed = transposed
+        layer._attach(weight, linear.bias, density=density, n=n, seed=seed, name=name)
         return layer
 
     def _attach(self, weight, bias, *, density, n, seed, name):
@@ -82,7 +114,12 @@ class MaskedLinear(nn.Module):
         with torch.no_grad():
             self.register_buffer("base", gather_weight(self.weight, self.mask).clone())
         self.delta = nn.Parameter(torch.zeros(self.mask.n, dtype=torch.float32, device=weight.device))
-        self._synced = (self.delta._version, _optimizer_steps)
+        _register(self)
+        self.mark_synced()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)  # copy.deepcopy and unpickling: register the copy's own delta
+        _register(self)
 
     # ------------------------------------------------------------------ what a user reads
     @property
@@ -107,6 +144,11 @@ class MaskedLinear(nn.Module):
         """Write round(W0_k + delta[k]) into the weight's masked entries."""
         if self.n:
             sparse_update(self.weight, self.base, self.delta, self.mask)
+        self.mark_synced()
+
+    def mark_synced(self) -> None:
+        """Record that `weight` holds round(base + delta) for the current delta (after sync, or after an optimizer
+        that wrote the merged entries itself)."""
         self._synced = (self.delta._version, _optimizer_steps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
