@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from randmask.addressing import MatrixMask, count_for_density, layer_key, mask_positions
 from randmask.functional import gather_weight, masked_linear, sparse_update
@@ -34,7 +35,7 @@ def _count_step(optimizer, args, kwargs):
 register_optimizer_step_post_hook(_count_step)
 
 # delta parameter -> weakref to its layer, so an optimizer given only parameters can find a delta's layer.
-_LAYER_OF_DELTA = weakref.WeakKeyDictionary()
+_LAYER_OF_DELTA = WeakIdKeyDictionary()
 
 
 def _register(layer) -> None:
