@@ -4,7 +4,7 @@ The mask of a layer depends only on (seed, name relative to the model root, shap
 thread count or library version. `MASK_SCHEME` is saved in every adapter; a different function is a new version.
 """
 import hashlib
-import math
+import weakref
 
 import torch
 
@@ -89,7 +89,12 @@ def mask_slots(rows: torch.Tensor, cols: torch.Tensor, shape, n: int, key: int) 
 class MatrixMask:
     """The mask of one (out, in) matrix: n trainable values keyed by `key`. Holds no index tensor until the torch
     twins ask for positions, which it then keeps (on the one device last asked for) so a CPU training step does
-    not recompute them; Triton kernels compute positions inline and never call this."""
+    not recompute them; Triton kernels compute positions inline and never call this.
+
+    Every live mask is findable by (shape, n, key) through `MatrixMask.live`, which is how the `randmask::` custom
+    ops (whose arguments must be tensors and ints) reach a layer's cached positions."""
+
+    _live = weakref.WeakValueDictionary()
 
     def __init__(self, shape, n: int, key: int):
         self.shape = _check_shape(shape)
@@ -98,6 +103,13 @@ class MatrixMask:
             raise ValueError(f"key must be an unsigned 64-bit int, got {key!r}")
         self.key = key
         self._positions = None
+        MatrixMask._live[(self.shape, self.n, self.key)] = self
+
+    @classmethod
+    def live(cls, shape, n: int, key: int) -> "MatrixMask":
+        """The live mask with these parameters (a layer's, with its cached positions), or a new one."""
+        mask = cls._live.get((tuple(shape), n, key))
+        return mask if mask is not None else cls(shape, n, key)
 
     @property
     def density(self) -> float:

@@ -35,34 +35,51 @@ def sparse_update(weight: torch.Tensor, base: torch.Tensor, delta: torch.Tensor,
         sparse_update_op.sparse_update_torch(weight, base, delta, *mask.positions(weight.device))
 
 
+def _signed(key: int) -> int:
+    """torch.library ints are int64: carry the unsigned 64-bit key as its two's-complement value."""
+    return key - (1 << 64) if key >= (1 << 63) else key
+
+
+@torch.library.custom_op("randmask::masked_grad", mutates_args=())
+def _masked_grad_library_op(x: torch.Tensor, grad_y: torch.Tensor, n: int, signed_key: int) -> torch.Tensor:
+    """masked_grad as a registered op, opaque to torch.compile (so a compiled model has no graph break here)."""
+    mask = MatrixMask.live((grad_y.shape[1], x.shape[1]), n, signed_key % (1 << 64))
+    return masked_grad(x, grad_y, mask)
+
+
+@_masked_grad_library_op.register_fake
+def _(x, grad_y, n, signed_key):
+    return x.new_empty(n, dtype=torch.float32)
+
+
 class MaskedLinearFunction(torch.autograd.Function):
-    """y = F.linear(x, weight, bias); delta is an input only so that autograd routes its gradient here."""
+    """y = F.linear(x, weight, bias); delta is an input only so that autograd routes its gradient here.
+    The mask travels as (n, signed key) ints so torch.compile can trace through it."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta, mask):
-        ctx.mask = mask
+    def forward(ctx, x, weight, bias, delta, n, signed_key):
+        ctx.n, ctx.signed_key = n, signed_key
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
-        mask = ctx.mask
-        need_x, need_weight, need_bias, need_delta, _ = ctx.needs_input_grad
+        need_x, need_weight, need_bias, need_delta = ctx.needs_input_grad[:4]
         grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])
         x2d = x.reshape(-1, x.shape[-1])
         grad_x = grad_weight = grad_bias = grad_delta = None
         if need_x:
             grad_x = grad_y.matmul(weight.to(grad_y.dtype)).to(x.dtype)
         if need_delta:
-            grad_delta = masked_grad(x2d, grad_y2d, mask)
+            grad_delta = torch.ops.randmask.masked_grad(x2d, grad_y2d, ctx.n, ctx.signed_key)
         # The weight and bias are frozen by MaskedLinear; if a user unfreezes them they get their true gradients.
         if need_weight:
             grad_weight = grad_y2d.t().matmul(x2d.to(grad_y.dtype)).to(weight.dtype)
         if need_bias:
             grad_bias = grad_y2d.sum(0).to(grad_y.dtype)
-        return grad_x, grad_weight, grad_bias, grad_delta, None
+        return grad_x, grad_weight, grad_bias, grad_delta, None, None
 
 
 def masked_linear(x, weight, bias, delta, mask: MatrixMask):
-    return MaskedLinearFunction.apply(x, weight, bias, delta, mask)
+    return MaskedLinearFunction.apply(x, weight, bias, delta, mask.n, _signed(mask.key))

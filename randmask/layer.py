@@ -19,20 +19,21 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and \
         module.weight.dim() == 2 and hasattr(module, "nf")
 
-# Counts optimizer steps of any torch optimizer. A fused optimizer (AdamW(fused=True)) writes its parameters without
-# bumping their version counter, so a layer re-syncs when either this count or delta's version moved. An optimizer
-# that writes the merged weights itself (randmask.optim.MaskedAdamW) sets `writes_merged_weights` and calls
-# `mark_synced()` on the layers it stepped, so they do not sync twice.
-_optimizer_steps = 0
+# After any torch optimizer's step, the layers whose deltas it holds write their merged entries. This cannot be left
+# to the forward's version check alone: a fused optimizer (AdamW(fused=True)) does not bump version counters, and a
+# compiled forward does no eager checks. An optimizer that writes the merged entries itself
+# (randmask.optim.MaskedAdamW) sets `writes_merged_weights` and calls `mark_synced()` instead.
+def _sync_after_step(optimizer, args, kwargs):
+    if getattr(optimizer, "writes_merged_weights", False):
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            layer = layer_of(param)
+            if layer is not None:
+                layer.sync()
 
 
-def _count_step(optimizer, args, kwargs):
-    global _optimizer_steps
-    if not getattr(optimizer, "writes_merged_weights", False):
-        _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_step)
+register_optimizer_step_post_hook(_sync_after_step)
 
 # delta parameter -> weakref to its layer, so an optimizer given only parameters can find a delta's layer.
 _LAYER_OF_DELTA = WeakIdKeyDictionary()
@@ -60,9 +61,9 @@ class MaskedLinear(nn.Module):
 
     `weight` holds the merged values: W0 outside the mask (bitwise untouched) and round(W0_k + delta[k]) at the mask,
     so the forward pass is a plain F.linear. `delta` (fp32, starts at 0) is the only trainable parameter; `base`
-    keeps the n original values W0_k in the weight's dtype. After an optimizer changes `delta` in place, the next
-    forward (or `sync()`) writes the merged entries. Any torch optimizer's step is detected; a change made by hand
-    through `delta.data` is not (it bypasses the version counter), so call `sync()` after one.
+    keeps the n original values W0_k in the weight's dtype. After any torch optimizer's step the merged entries are
+    written at once; other in-place changes of `delta` are caught by the next eager forward through its version
+    counter. A change made through `delta.data` bypasses that counter: call `sync()` after one.
     """
 
     def __init__(self, in_features, out_features, bias=True, *, density=None, n=None, seed=0, name="",
@@ -122,6 +123,14 @@ class MaskedLinear(nn.Module):
         super().__setstate__(state)  # copy.deepcopy and unpickling: register the copy's own delta
         _register(self)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() must not round the trainable values: delta stays fp32, follows the device.
+        delta = self.delta.data
+        super()._apply(fn, recurse)
+        if self.delta.dtype != torch.float32:
+            self.delta.data = delta.to(self.delta.device)
+        return self
+
     # ------------------------------------------------------------------ what a user reads
     @property
     def n(self) -> int:
@@ -150,7 +159,7 @@ class MaskedLinear(nn.Module):
     def mark_synced(self) -> None:
         """Record that `weight` holds round(base + delta) for the current delta (after sync, or after an optimizer
         that wrote the merged entries itself)."""
-        self._synced = (self.delta._version, _optimizer_steps)
+        self._synced_version = self.delta._version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1:] != (self.in_features,):
@@ -158,8 +167,8 @@ class MaskedLinear(nn.Module):
                              f"{self.in_features} (input shape {tuple(x.shape)})")
         if x.device != self.weight.device:
             raise ValueError(f"input is on {x.device}, MaskedLinear's weight is on {self.weight.device}")
-        if (self.delta._version, _optimizer_steps) != self._synced:
-            self.sync()
+        if not torch.compiler.is_compiling() and self.delta._version != self._synced_version:
+            self.sync()  # delta changed in place outside an optimizer step (load_state_dict, a no_grad edit)
         if not (self.delta.requires_grad and torch.is_grad_enabled()):
             return F.linear(x, self.weight, self.bias)  # inference: nothing to route back
         return masked_linear(x, self.weight, self.bias, self.delta, self.mask)
