@@ -25,7 +25,8 @@ def gather_weight_torch(weight, rows, cols):
 
 
 def sparse_update_torch(weight, base, delta, rows, cols):
-    weight[rows, cols] = (base.float() + delta.float()).to(weight.dtype)
+    acc = torch.promote_types(base.dtype, torch.float32)  # fp32, or fp64 for a float64 weight: never rounds base
+    weight[rows, cols] = (base.to(acc) + delta.to(acc)).to(weight.dtype)
     return weight
 
 

@@ -30,7 +30,12 @@ VARIANTS = {
                            {"weight_ptr": "bf16", "base_ptr": "bf16", "delta_ptr": "bf16"}, {"UPDATE": False}),
     "sparse_update_bf16": ("sparse_update", "sparse_weight_kernel",
                            {"weight_ptr": "bf16", "base_ptr": "bf16", "delta_ptr": "fp32"}, {"UPDATE": True}),
+    "masked_adamw_bf16": ("masked_adamw", "masked_adamw_kernel",
+                          {"weight_ptr": "bf16", "base_ptr": "bf16", "delta_ptr": "fp32", "grad_ptr": "fp32",
+                           "exp_avg_ptr": "fp32", "exp_avg_sq_ptr": "fp32"}, {}),
 }
+# Float scalar arguments (fp32, what Triton makes of a Python float): the AdamW step's host-computed scalars.
+FP32_ARGS = ("decay", "lerp_weight", "beta2", "one_minus_beta2", "neg_step_size", "bias_correction2_sqrt", "eps")
 
 
 def compile_all(cap: int) -> dict:
@@ -55,7 +60,8 @@ def compile_all(cap: int) -> dict:
                     constexprs[arg] = getattr(mod, ("GATHER_" if "gather" in kernel else "DENSE_") + arg)
             constexprs.update({k: getattr(tl, v) if isinstance(v, str) else v for k, v in extra.items()})
             signature = {arg: "constexpr" if arg in constexprs else f"*{pointers[arg]}" if arg in pointers
-                         else "i64" if arg in ("k0", "k1") else "i32" for arg in fn.arg_names}
+                         else "i64" if arg in ("k0", "k1") else "fp32" if arg in FP32_ARGS else "i32"
+                         for arg in fn.arg_names}
             attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if arg in pointers}
             src = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
             compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32))
