@@ -116,33 +116,30 @@ def _unpermute(x: torch.Tensor, rks: list[int], a_radix: int, b_radix: int) -> t
     return a * b_radix + b
 
 
-def _walk(step, x: torch.Tensor, numel: int, rks, a_radix, b_radix) -> torch.Tensor:
-    x = step(x, rks, a_radix, b_radix)
-    outside = (x >= numel).nonzero().flatten()
-    while outside.numel():  # cycle-walking: rare (probability < 1/sqrt(N) per value)
-        x[outside] = step(x[outside], rks, a_radix, b_radix)
-        outside = outside[x[outside] >= numel]
-    return x
+def _walk(step, values: torch.Tensor, numel: int, key: int) -> torch.Tensor:
+    """Apply the Feistel `step` (P or P^-1) to 1-D int64 values in [0, numel), cycle-walking back into [0, numel),
+    in chunks of CHUNK values so temporaries stay small whatever the count."""
+    a_radix, b_radix = feistel_radices(numel)
+    rks = round_keys(key)
+    out = torch.empty_like(values)
+    for start in range(0, values.numel(), CHUNK):
+        x = step(values[start:start + CHUNK], rks, a_radix, b_radix)
+        outside = (x >= numel).nonzero().flatten()
+        while outside.numel():  # cycle-walking: rare (probability < 1/sqrt(N) per value)
+            x[outside] = step(x[outside], rks, a_radix, b_radix)
+            outside = outside[x[outside] >= numel]
+        out[start:start + CHUNK] = x
+    return out
 
 
 def slot_to_flat_torch(slots: torch.Tensor, numel: int, key: int) -> torch.Tensor:
     """sigma(k) for int64 slots in [0, numel): flat positions r*in + c (int64, same device)."""
-    a_radix, b_radix = feistel_radices(numel)
-    rks = round_keys(key)
-    out = torch.empty_like(slots)
-    for start in range(0, slots.numel(), CHUNK):
-        out[start:start + CHUNK] = _walk(_permute, slots[start:start + CHUNK], numel, rks, a_radix, b_radix)
-    return out
+    return _walk(_permute, slots, numel, key)
 
 
 def flat_to_slot_torch(flat: torch.Tensor, numel: int, key: int) -> torch.Tensor:
     """sigma^-1(p) for int64 flat positions in [0, numel)."""
-    a_radix, b_radix = feistel_radices(numel)
-    rks = round_keys(key)
-    out = torch.empty_like(flat)
-    for start in range(0, flat.numel(), CHUNK):
-        out[start:start + CHUNK] = _walk(_unpermute, flat[start:start + CHUNK], numel, rks, a_radix, b_radix)
-    return out
+    return _walk(_unpermute, flat, numel, key)
 
 
 # ---------------------------------------------------------------- Triton device functions (bit-identical to the twin)
