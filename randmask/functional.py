@@ -8,29 +8,46 @@ import torch
 import torch.nn.functional as F
 
 from randmask.addressing import MatrixMask
-from randmask.backend import use_triton
+from randmask.backend import kernel_backend
 from randmask.kernels import masked_grad as masked_grad_op
+from randmask.kernels import native as native_op
 from randmask.kernels import sparse_update as sparse_update_op
 
 
 def masked_grad(x: torch.Tensor, grad_y: torch.Tensor, mask: MatrixMask) -> torch.Tensor:
     """g[k] = sum_t grad_y[t, r_k] x[t, c_k] for 2-D x (T, in) and grad_y (T, out); fp32 of length n."""
-    if use_triton(x.device):
+    backend = kernel_backend(x.device)
+    if backend == "triton":
         return masked_grad_op.masked_grad_triton(x, grad_y, mask.n, mask.key)
+    if backend in ("native", "cuda") and native_op.supports(x, grad_y):
+        # The native kernels are gathers; above the measured crossover the dense twin (BLAS / cuBLAS) wins.
+        crossover = native_op.DENSE_DENSITY_NATIVE if backend == "native" else native_op.DENSE_DENSITY_CUDA
+        if mask.density > crossover:
+            return masked_grad_op.masked_grad_dense_torch(x, grad_y, *mask.positions(x.device))
+        launch = native_op.masked_grad_native if backend == "native" else native_op.masked_grad_cuda
+        return launch(x, grad_y, mask.n, mask.key)
     return masked_grad_op.masked_grad_torch(x, grad_y, *mask.positions(x.device))
 
 
 def gather_weight(weight: torch.Tensor, mask: MatrixMask) -> torch.Tensor:
     """The n values weight[r_k, c_k], in the weight's dtype."""
-    if use_triton(weight.device):
+    backend = kernel_backend(weight.device)
+    if backend == "triton":
         return sparse_update_op.gather_weight_triton(weight, mask.n, mask.key)
+    if backend in ("native", "cuda") and native_op.supports(weight):
+        launch = native_op.gather_weight_native if backend == "native" else native_op.gather_weight_cuda
+        return launch(weight, mask.n, mask.key)
     return sparse_update_op.gather_weight_torch(weight, *mask.positions(weight.device))
 
 
 def sparse_update(weight: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, mask: MatrixMask) -> None:
     """weight[r_k, c_k] = round_to_weight_dtype(base[k] + delta[k]), in place; nothing else is touched."""
-    if use_triton(weight.device):
+    backend = kernel_backend(weight.device)
+    if backend == "triton":
         sparse_update_op.sparse_update_triton(weight, base, delta, mask.key)
+    elif backend in ("native", "cuda") and native_op.supports(weight, base, delta):
+        launch = native_op.sparse_update_native if backend == "native" else native_op.sparse_update_cuda
+        launch(weight, base, delta, mask.key)
     else:
         sparse_update_op.sparse_update_torch(weight, base, delta, *mask.positions(weight.device))
 

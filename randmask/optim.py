@@ -21,8 +21,9 @@ import torch
 from torch.autograd.graph import increment_version
 from torch.optim import Optimizer
 
-from randmask.backend import use_triton
+from randmask.backend import kernel_backend
 from randmask.kernels import masked_adamw as masked_adamw_op
+from randmask.kernels import native as native_op
 from randmask.layer import layer_of
 
 __all__ = ["MaskedAdamW"]
@@ -132,8 +133,10 @@ class MaskedAdamW(Optimizer):
     def _masked_step(layer, delta, grad, state, step, hyper) -> None:
         weight = layer.weight
         args = (weight, layer.base, delta, grad, state["exp_avg"], state["exp_avg_sq"], layer.key)
-        if use_triton(weight.device):
-            masked_adamw_op.masked_adamw_triton(*args, step=step, **hyper)
+        backend = kernel_backend(weight.device)
+        if backend in ("triton", "cuda"):
+            fused = masked_adamw_op.masked_adamw_triton if backend == "triton" else native_op.masked_adamw_cuda
+            fused(*args, step=step, **hyper)
             # The kernel writes through pointers; bump the version counters as the in-place torch ops of the CPU
             # path do, so autograd still catches a graph that saved the old weight being backpropagated later.
             increment_version((delta, weight, state["exp_avg"], state["exp_avg_sq"]))

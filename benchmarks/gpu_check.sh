@@ -1,0 +1,228 @@
+#!/usr/bin/env bash
+# gpu_check.sh: the checks that need a GPU (H100 / H200), as one prepared script that finishes in < 8 minutes.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]      results in OUT_DIR (default: $OUT, else benchmarks/results/gpu)
+#
+# Section "cuda-backend" (issue 6): builds the CUDA C++ backend (kernels/csrc/native_cuda.cu, RANDMASK_BACKEND=cuda)
+# with CMake, then on the GPU
+#   1. correctness: masked gradient vs the torch gather twin (fp32 / fp16 / bf16, 1xN, Nx1, primes, n = 0, n = N,
+#      T = 0, strided inputs; rtol 1e-5), gather and sparse update bit-exact vs the twins, the fused AdamW
+#      (masked_adamw_cuda) vs masked_adamw_torch and masked_adamw_triton over 3 steps, and a MaskedLinear with
+#      RANDMASK_BACKEND=cuda vs RANDMASK_BACKEND=torch;
+#   2. timing (ms, median of 20, CUDA-synchronised): masked gradient cuda vs triton-gather vs triton-dense vs the
+#      torch dense twin (cuBLAS) at SmolLM2-135M shapes (512 tokens) and 4096x4096 (4096 tokens), densities
+#      1e-4 .. 1e-1, fp32 / fp16 / bf16, with the density where the dense twin first beats the CUDA gather (the
+#      value DENSE_DENSITY_CUDA in kernels/native.py should take); the fused AdamW step cuda vs Triton vs torch.
+# Everything is printed and appended to OUT_DIR/gpu_check.txt; the tables also go to OUT_DIR/cuda_backend.json.
+# Each Python step runs under `timeout`, so a hang cannot eat the machine's budget.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${OUT:-benchmarks/results/gpu}}"
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+LOG="$OUT_DIR/gpu_check.txt"
+exec > >(tee -a "$LOG") 2>&1
+PY="${PYTHON:-python}"
+START=$(date +%s)
+echo "== gpu_check $(date -u +%FT%TZ) on $(hostname)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+                 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())" || { echo "no torch"; exit 1; }
+
+# ------------------------------------------------------------------------------------------------ cuda-backend
+echo
+echo "== section cuda-backend: build"
+BUILD="$OUT_DIR/build-cuda"
+if command -v nvcc > /dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH="$PATH:/usr/local/cuda/bin"
+  nvcc --version | tail -1
+  if cmake -S . -B "$BUILD" -DRANDMASK_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release > "$OUT_DIR/cmake.log" 2>&1 &&
+     cmake --build "$BUILD" -j"$(nproc)" >> "$OUT_DIR/cmake.log" 2>&1; then
+    grep "randmask:" "$OUT_DIR/cmake.log"
+  else
+    echo "CMake build failed (tail of $OUT_DIR/cmake.log):"; tail -30 "$OUT_DIR/cmake.log"
+  fi
+fi
+if [ -f "$BUILD/_randmask_cuda.so" ]; then
+  export RANDMASK_CUDA_LIB="$BUILD/_randmask_cuda.so" RANDMASK_NATIVE_LIB="$BUILD/_randmask_native.so"
+elif [ -f kernels/_randmask_cuda.so ]; then
+  echo "using the prebuilt kernels/_randmask_cuda.so (no nvcc here, or its build failed)"
+else
+  echo "SKIP cuda-backend: no nvcc and no prebuilt kernels/_randmask_cuda.so"
+  exit 0
+fi
+export CUDA_BACKEND_JSON="$OUT_DIR/cuda_backend.json"
+
+echo
+echo "== section cuda-backend: correctness"
+timeout 200 $PY - << 'PYEOF'
+import math, os, torch
+from randmask import MaskedLinear, mask_positions
+from randmask.kernels import native, masked_grad as mg, sparse_update as su, masked_adamw as ma
+from randmask.backend import HAS_TRITON
+
+lib = native.cuda_library()
+print("CUDA library", lib._name, "ABI", lib.randmask_cuda_abi_version())
+dev = torch.device("cuda")
+KEY = 0x0123456789ABCDEF
+failures = []
+
+def positions(shape, n):
+    os.environ["RANDMASK_BACKEND"] = "torch"
+    try:
+        return mask_positions(shape, n, KEY, dev)
+    finally:
+        del os.environ["RANDMASK_BACKEND"]
+
+def check(ok, what):
+    print(("ok   " if ok else "FAIL ") + what)
+    if not ok:
+        failures.append(what)
+
+cases = [(1, 97, 30, 5), (89, 1, 89, 33), (53, 47, 0, 17), (53, 47, 2491, 17), (64, 48, 300, 0),
+         (101, 67, 1500, 300), (576, 576, 7631, 512), (1536, 576, 20349, 512), (4096, 4096, 1678, 4096),
+         (4096, 4096, 167772, 1024)]
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for out, inf, n, T in cases:
+        g = torch.Generator(device=dev).manual_seed(n + T)
+        for strided in (False, True):
+            x = torch.randn(T, inf, device=dev, generator=g).to(dtype)
+            gy = torch.randn(T, out, device=dev, generator=g).to(dtype)
+            if strided:
+                x = x.t().contiguous().t()
+                gy = torch.cat([gy, gy], 1)[:, ::2]
+            rows, cols = positions((out, inf), n)
+            got = native.masked_grad_cuda(x, gy, n, KEY)
+            want = mg.masked_grad_gather_torch(x, gy, rows, cols)
+            ok = got.shape == want.shape and (n == 0 or torch.allclose(got, want, rtol=1e-5,
+                                                                       atol=1e-5 * want.abs().max().item()))
+            err = (got - want).abs().max().item() if n else 0.0
+            check(ok, f"masked_grad {dtype} {out}x{inf} n={n} T={T}{' strided' if strided else ''} max err {err:.3g}")
+    for (out, inf), n in (((1, 97), 50), ((89, 1), 89), ((53, 47), 2491), ((4096, 4096), 200000)):
+        for transposed in (False, True):
+            w = torch.randn((inf, out) if transposed else (out, inf), device=dev).to(dtype)
+            w = w.t() if transposed else w
+            rows, cols = positions((out, inf), n)
+            base = native.gather_weight_cuda(w, n, KEY)
+            check(torch.equal(base, su.gather_weight_torch(w, rows, cols)), f"gather {dtype} {out}x{inf} n={n}")
+            delta = torch.randn(n, device=dev) * 1e-2
+            ours, twin = w.clone(), w.clone()
+            native.sparse_update_cuda(ours, base, delta, KEY)
+            su.sparse_update_torch(twin, base, delta, rows, cols)
+            check(torch.equal(ours, twin),
+                  f"sparse_update {dtype} {out}x{inf} n={n}{' transposed' if transposed else ''}")
+    # fused AdamW: cuda vs the torch twin (and Triton), 3 steps
+    out, inf, n = 512, 384, 20000
+    w0 = torch.randn(out, inf, device=dev).to(dtype)
+    rows, cols = positions((out, inf), n)
+    runs = {}
+    impls = {"cuda": native.masked_adamw_cuda, "torch": ma.masked_adamw_torch}
+    if HAS_TRITON:
+        impls["triton"] = ma.masked_adamw_triton
+    for name, fn in impls.items():
+        w = w0.clone(); base = su.gather_weight_torch(w, rows, cols)
+        delta, m, v = (torch.zeros(n, device=dev) for _ in range(3))
+        g = torch.Generator(device=dev).manual_seed(1)
+        for step in (1, 2, 3):
+            grad = torch.randn(n, device=dev, generator=g)
+            fn(w, base, delta, grad, m, v, KEY, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+               step=step, positions=(rows, cols))
+        runs[name] = (w, delta, m, v)
+    for name in runs:
+        if name == "torch":
+            continue
+        w, delta, m, v = runs[name]
+        tw, td, tm, tv = runs["torch"]
+        dd = (delta - td).abs().max().item() / max(td.abs().max().item(), 1e-30)
+        check(torch.allclose(delta, td, rtol=1e-6, atol=1e-7) and torch.allclose(m, tm, rtol=1e-6, atol=0)
+              and torch.allclose(v, tv, rtol=1e-6, atol=0),
+              f"masked_adamw {name} vs torch {dtype}: delta rel err {dd:.2e}, m bitwise {torch.equal(m, tm)}, "
+              f"v bitwise {torch.equal(v, tv)}, weights differ at {(w != tw).sum().item()} of {n}")
+
+# MaskedLinear end to end: RANDMASK_BACKEND=cuda vs torch
+for dtype in (torch.float32, torch.bfloat16):
+    grads = {}
+    for backend in ("cuda", "torch"):
+        os.environ["RANDMASK_BACKEND"] = backend
+        torch.manual_seed(0)
+        layer = MaskedLinear.from_linear(torch.nn.Linear(576, 1536).to(dev, dtype), density=0.0005, name="mlp.up")
+        x = torch.randn(4, 128, 576, device=dev).to(dtype)
+        layer(x).float().square().mean().backward()
+        grads[backend] = layer.delta.grad
+    del os.environ["RANDMASK_BACKEND"]
+    want = grads["torch"]
+    check(torch.allclose(grads["cuda"], want, rtol=1e-5, atol=1e-5 * want.abs().max().item()),
+          f"MaskedLinear {dtype} RANDMASK_BACKEND=cuda vs torch")
+print(f"correctness: {len(failures)} failure(s)")
+PYEOF
+echo "correctness exit status $?"
+
+echo
+echo "== section cuda-backend: timing (ms, median of 20)"
+timeout 360 $PY - << 'PYEOF'
+import json, os, statistics, time, torch
+from randmask import mask_positions
+from randmask.kernels import native, masked_grad as mg, sparse_update as su, masked_adamw as ma
+from randmask.backend import HAS_TRITON
+
+dev = torch.device("cuda")
+KEY = 0x0123456789ABCDEF
+print(torch.cuda.get_device_name(dev), "torch", torch.__version__, "triton" if HAS_TRITON else "no triton")
+
+def ms(fn, reps=20):
+    fn(); torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True); end = torch.cuda.Event(enable_timing=True)
+        start.record(); fn(); end.record(); end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+results = {"device": torch.cuda.get_device_name(dev), "masked_grad": [], "adamw": []}
+setups = [((576, 576), 512), ((1536, 576), 512), ((4096, 4096), 4096)]
+densities = [1e-4, 1e-3, 1e-2, 3e-2, 1e-1]
+t_start = time.time()
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for shape, T in setups:
+        x = torch.randn(T, shape[1], device=dev).to(dtype)
+        gy = torch.randn(T, shape[0], device=dev).to(dtype)
+        crossover = None
+        for d in densities:
+            n = round(d * shape[0] * shape[1])
+            rows, cols = mask_positions(shape, n, KEY, dev)
+            row = {"dtype": str(dtype), "shape": shape, "tokens": T, "density": d, "n": n}
+            row["cuda"] = ms(lambda: native.masked_grad_cuda(x, gy, n, KEY))
+            if HAS_TRITON:
+                row["triton-gather"] = ms(lambda: mg.masked_grad_gather_triton(x, gy, n, KEY))
+                row["triton-dense"] = ms(lambda: mg.masked_grad_dense_triton(x, gy, n, KEY))
+            row["torch-dense"] = ms(lambda: mg.masked_grad_dense_torch(x, gy, rows, cols))
+            if crossover is None and row["torch-dense"] < row["cuda"]:
+                crossover = d
+            results["masked_grad"].append(row)
+            print(f"{str(dtype):15} {shape[0]}x{shape[1]} T={T} d={d:.0e} n={n:8d}  " +
+                  "  ".join(f"{k}={row[k]:.4f}" for k in ("cuda", "triton-gather", "triton-dense", "torch-dense")
+                            if k in row), flush=True)
+        print(f"  -> torch-dense first beats cuda at density {crossover}  ({time.time() - t_start:.0f} s so far)")
+# fused AdamW + weight write: cuda vs Triton vs torch (AdamW ops + index write), one 4096x14336 weight
+shape = (4096, 14336)
+for dtype in (torch.float32, torch.bfloat16):
+    w = torch.randn(shape, device=dev).to(dtype)
+    for n in (10**5, 10**6, 10**7):
+        rows, cols = mask_positions(shape, n, KEY, dev)
+        base = su.gather_weight_torch(w, rows, cols)
+        delta, grad, m, v = (torch.rand(n, device=dev) for _ in range(4))
+        kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=5, positions=(rows, cols))
+        row = {"dtype": str(dtype), "n": n,
+               "cuda": ms(lambda: native.masked_adamw_cuda(w, base, delta, grad, m, v, KEY, **kw)),
+               "torch": ms(lambda: ma.masked_adamw_torch(w, base, delta, grad, m, v, KEY, **kw))}
+        if HAS_TRITON:
+            row["triton"] = ms(lambda: ma.masked_adamw_triton(w, base, delta, grad, m, v, KEY, **kw))
+        results["adamw"].append(row)
+        print(f"adamw {str(dtype):15} n={n:9d}  " + "  ".join(f"{k}={row[k]:.4f}" for k in ("cuda", "triton", "torch")
+                                                            if k in row), flush=True)
+with open(os.environ["CUDA_BACKEND_JSON"], "w") as f:
+    json.dump(results, f, indent=1)
+print("wrote", os.environ["CUDA_BACKEND_JSON"])
+PYEOF
+echo "timing exit status $?"
+echo "== gpu_check done in $(( $(date +%s) - START )) s; log: $LOG"

@@ -1,0 +1,721 @@
+// native_cpu.cpp: the native CPU kernels of randmask (C++17, OpenMP), behind the C ABI of randmask_native.h.
+//
+// Positions are computed inline from the key (randmask_mask.h's bijection, restated as a vectorised loop and held
+// bit-identical to the header and the torch twin by the tests): no index tensor is read or kept between calls.
+// Inputs are fp32, fp16 or bf16 with any strides; sums are fp32.
+//
+// Masked gradient g[k] = sum_t grad_y[t, r_k] * x[t, c_k], the way that keeps the loads in cache (DESIGN.md):
+//   0. a handful of slots (kDirectRatio * n < in + out): no transposes; threads over slots (dynamic, 8 at a time),
+//      each slot a strided dot product straight from the (T, features) inputs with 4 partial sums.
+//   Otherwise, one parallel region of nt threads (nt = torch's intra-op thread count; 1 below kSerialWork):
+//   1. positions: each thread computes (r_k, c_k) for its static range of slots; when rows hold >= 2 slots on
+//      average (n >= 2 * out) a counting sort by row (per-thread histograms, one serial prefix sum) groups them,
+//      so consecutive dot products share the row of grad_y^T (scratch: 8-20 bytes per slot);
+//   2. per chunk of TC tokens (TC: both transposed copies in ~768 KiB, i.e. L2; 16 <= TC <= 1024), threads split
+//      the features in blocks of 64 and transpose x and grad_y into fp32 (in, TC) and (out, TC) buffers, every
+//      feature one contiguous, 64-byte aligned, zero-padded token vector (8x8 AVX2 register transposes when the
+//      features are contiguous); barrier;
+//   3. threads take blocks of 256 slots of the (sorted) list dynamically; a slot is a dot product of two
+//      contiguous vectors, four slots of one row at a time (one load of the grad_y row feeds four FMA chains),
+//      added into g[k]; barrier, next chunk. The blocks are fixed, so results do not depend on the thread count.
+// Gather / sparse update: threads over blocks of 1024 slots (positions of a block, then the reads or the rounded
+// writes). The loops exist for AVX-512, AVX2+FMA+F16C (intrinsics or vectorised C++ under per-function target
+// attributes) and portable C++; the best this CPU supports is picked when the library loads, so the library
+// needs no -march flag and runs on any x86-64 (or other) CPU.
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <type_traits>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "randmask_dtype.h"
+#include "randmask_mask.h"
+#include "randmask_native.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define RANDMASK_X86 1
+#define RANDMASK_TARGET(isa) __attribute__((target(isa)))
+#else
+#define RANDMASK_X86 0
+#endif
+
+namespace {
+
+constexpr int64_t kAlign = 16;          // floats per 64-byte line: token vectors are padded to a multiple of this
+constexpr int64_t kChunkBytes = 768 << 10;  // target size of one chunk's transposed copies (L2 is 512 KiB-2 MiB)
+constexpr int64_t kMinChunk = 16, kMaxChunk = 1024;  // tokens per chunk (16 only for very wide layers)
+constexpr int64_t kSerialWork = 1 << 20;  // below this many multiply-adds one thread does the whole call
+constexpr int64_t kDotBlock = 256;        // slots per unit of work of the dot-product phase
+constexpr int64_t kDirectRatio = 12;      // masked gradient without transposes while kDirectRatio * n < in + out
+
+int threads_for(int nthreads) {
+#ifdef _OPENMP
+    return nthreads > 0 ? nthreads : omp_get_max_threads();
+#else
+    (void)nthreads;
+    return 1;
+#endif
+}
+
+bool valid_dtype(int d) { return d == RANDMASK_F32 || d == RANDMASK_F16 || d == RANDMASK_BF16; }
+
+size_t dtype_size(int d) { return d == RANDMASK_F32 ? 4 : 2; }
+
+// A mask for (out, in) with n slots, or numel == 0 when the arguments are invalid.
+randmask_mask_t make_mask(int64_t out, int64_t in, int64_t n, uint64_t key) {
+    randmask_mask_t m;
+    m.numel = 0;
+    if (out <= 0 || in <= 0 || out * in > (int64_t)RANDMASK_MAX_ENTRIES || n < 0 || n > out * in) return m;
+    return randmask_mask_init((uint32_t)out, (uint32_t)in, key);
+}
+
+// 64-byte aligned scratch, freed on scope exit; data() is null when the allocation failed.
+struct Scratch {
+    void* p = nullptr;
+    explicit Scratch(size_t bytes) {
+        if (bytes) p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    }
+    ~Scratch() { std::free(p); }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    template <typename T>
+    T* as() const { return static_cast<T*>(p); }
+};
+
+template <int D>
+inline float load_f32(const void* base, int64_t i) {
+    if constexpr (D == RANDMASK_F32) return static_cast<const float*>(base)[i];
+    else if constexpr (D == RANDMASK_F16) return randmask_f16_to_f32(static_cast<const uint16_t*>(base)[i]);
+    else return randmask_bf16_to_f32(static_cast<const uint16_t*>(base)[i]);
+}
+
+template <int D>
+inline void store_rounded(void* base, int64_t i, float v) {
+    if constexpr (D == RANDMASK_F32) static_cast<float*>(base)[i] = v;
+    else if constexpr (D == RANDMASK_F16) static_cast<uint16_t*>(base)[i] = randmask_f32_to_f16(v);
+    else static_cast<uint16_t*>(base)[i] = randmask_f32_to_bf16(v);
+}
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// The transposes: dst[f * ld + t] = float(src[(t0 + t) * st + f * sc]) for f < features, t < tc, and zero for
+// tc <= t < ld. Called inside a parallel region: threads split the features in blocks of 64; within a block, tiles
+// of 16 tokens (portable: scalar, reads of a row-major source are contiguous runs and every written line of dst is
+// filled whole) or of 8 x 8 (AVX2: 8 loads, 24 in-register shuffles, 8 aligned stores; fp16/bf16 widened on load),
+// the latter when the features are contiguous (sc == 1) and the CPU has AVX2 + F16C.
+constexpr int64_t kFeatureBlock = 64;
+
+template <int D>
+void transpose_fblock_portable(const void* src, int64_t st, int64_t sc, int64_t t0, int64_t tc, int64_t fb,
+                               int64_t fe, float* dst, int64_t ld) {
+    constexpr int64_t TB = 16;
+    for (int64_t tb = 0; tb < tc; tb += TB) {
+        const int64_t te = std::min(tb + TB, tc);
+        for (int64_t t = tb; t < te; ++t) {
+            const int64_t row = (t0 + t) * st;
+            for (int64_t f = fb; f < fe; ++f) dst[f * ld + t] = load_f32<D>(src, row + f * sc);
+        }
+    }
+}
+
+#if RANDMASK_X86
+template <int D>
+RANDMASK_TARGET("avx2,fma,f16c")
+inline __m256 load8_f32(const void* base, int64_t i) {
+    if constexpr (D == RANDMASK_F32) return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
+    if constexpr (D == RANDMASK_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+template <int D>
+RANDMASK_TARGET("avx2,fma,f16c")
+void transpose_fblock_avx2(const void* src, int64_t st, int64_t t0, int64_t tc, int64_t fb, int64_t fe, float* dst,
+                           int64_t ld) {
+    const int64_t t8 = tc / 8 * 8, f8 = fb + (fe - fb) / 8 * 8;
+    for (int64_t tb = 0; tb < t8; tb += 8) {
+        const int64_t row = (t0 + tb) * st;
+        for (int64_t f = fb; f < f8; f += 8) {
+            __m256 r0 = load8_f32<D>(src, row + f), r1 = load8_f32<D>(src, row + st + f);
+            __m256 r2 = load8_f32<D>(src, row + 2 * st + f), r3 = load8_f32<D>(src, row + 3 * st + f);
+            __m256 r4 = load8_f32<D>(src, row + 4 * st + f), r5 = load8_f32<D>(src, row + 5 * st + f);
+            __m256 r6 = load8_f32<D>(src, row + 6 * st + f), r7 = load8_f32<D>(src, row + 7 * st + f);
+            const __m256 u0 = _mm256_unpacklo_ps(r0, r1), u1 = _mm256_unpackhi_ps(r0, r1);
+            const __m256 u2 = _mm256_unpacklo_ps(r2, r3), u3 = _mm256_unpackhi_ps(r2, r3);
+            const __m256 u4 = _mm256_unpacklo_ps(r4, r5), u5 = _mm256_unpackhi_ps(r4, r5);
+            const __m256 u6 = _mm256_unpacklo_ps(r6, r7), u7 = _mm256_unpackhi_ps(r6, r7);
+            const __m256 v0 = _mm256_shuffle_ps(u0, u2, 0x44), v1 = _mm256_shuffle_ps(u0, u2, 0xEE);
+            const __m256 v2 = _mm256_shuffle_ps(u1, u3, 0x44), v3 = _mm256_shuffle_ps(u1, u3, 0xEE);
+            const __m256 v4 = _mm256_shuffle_ps(u4, u6, 0x44), v5 = _mm256_shuffle_ps(u4, u6, 0xEE);
+            const __m256 v6 = _mm256_shuffle_ps(u5, u7, 0x44), v7 = _mm256_shuffle_ps(u5, u7, 0xEE);
+            float* d = dst + f * ld + tb;  // 32-byte aligned: rows are 64-byte aligned, tb a multiple of 8
+            _mm256_store_ps(d, _mm256_permute2f128_ps(v0, v4, 0x20));
+            _mm256_store_ps(d + ld, _mm256_permute2f128_ps(v1, v5, 0x20));
+            _mm256_store_ps(d + 2 * ld, _mm256_permute2f128_ps(v2, v6, 0x20));
+            _mm256_store_ps(d + 3 * ld, _mm256_permute2f128_ps(v3, v7, 0x20));
+            _mm256_store_ps(d + 4 * ld, _mm256_permute2f128_ps(v0, v4, 0x31));
+            _mm256_store_ps(d + 5 * ld, _mm256_permute2f128_ps(v1, v5, 0x31));
+            _mm256_store_ps(d + 6 * ld, _mm256_permute2f128_ps(v2, v6, 0x31));
+            _mm256_store_ps(d + 7 * ld, _mm256_permute2f128_ps(v3, v7, 0x31));
+        }
+    }
+    if (f8 < fe) transpose_fblock_portable<D>(src, st, 1, t0, t8, f8, fe, dst, ld);  // feature tail
+    if (t8 < tc)                                                                       // token tail
+        for (int64_t t = t8; t < tc; ++t)
+            for (int64_t f = fb; f < fe; ++f) dst[f * ld + t] = load_f32<D>(src, (t0 + t) * st + f);
+}
+#endif
+
+template <int D>
+void transpose_chunk(const void* src, int64_t st, int64_t sc, int64_t t0, int64_t tc, int64_t features, float* dst,
+                     int64_t ld, bool fast) {
+#pragma omp for schedule(static) nowait
+    for (int64_t fb = 0; fb < features; fb += kFeatureBlock) {
+        const int64_t fe = std::min(fb + kFeatureBlock, features);
+#if RANDMASK_X86
+        if (fast && sc == 1) transpose_fblock_avx2<D>(src, st, t0, tc, fb, fe, dst, ld);
+        else transpose_fblock_portable<D>(src, st, sc, t0, tc, fb, fe, dst, ld);
+#else
+        (void)fast;
+        transpose_fblock_portable<D>(src, st, sc, t0, tc, fb, fe, dst, ld);
+#endif
+        for (int64_t f = fb; f < fe; ++f)
+            for (int64_t t = tc; t < ld; ++t) dst[f * ld + t] = 0.f;
+    }
+}
+
+void transpose_any(int dtype, const void* src, int64_t st, int64_t sc, int64_t t0, int64_t tc, int64_t features,
+                   float* dst, int64_t ld, bool fast) {
+    if (dtype == RANDMASK_F32) transpose_chunk<RANDMASK_F32>(src, st, sc, t0, tc, features, dst, ld, fast);
+    else if (dtype == RANDMASK_F16) transpose_chunk<RANDMASK_F16>(src, st, sc, t0, tc, features, dst, ld, fast);
+    else transpose_chunk<RANDMASK_BF16>(src, st, sc, t0, tc, features, dst, ld, fast);
+}
+
+// g[slot[i]] += dot(gyt[row[i]], xt[col[i]]) over the ld tokens of the chunk (ld a multiple of 16, rows 64-byte
+// aligned and zero-padded), for the entries i in [i0, i1) of the slot list (slot == nullptr: slot[i] = i). Four
+// consecutive entries of one row share each load of that grad_y row (4 FMA chains, x2 unrolled on AVX-512/AVX2);
+// otherwise one dot product with 2-4 chains. One version per ISA, picked at load time (see select_isa): the library
+// needs no -march flag and runs on any x86-64 (or any other CPU, with the portable version).
+using DotFn = void (*)(const float*, const float*, int64_t, const uint32_t*, const uint32_t*, const uint32_t*,
+                       int64_t, int64_t, float*);
+
+inline bool four_in_row(const uint32_t* row, int64_t i, int64_t i1) {
+    const uint32_t r = row[i];
+    return i + 3 < i1 && row[i + 1] == r && row[i + 2] == r && row[i + 3] == r;
+}
+
+void dot_slots_portable(const float* __restrict gyt, const float* __restrict xt, int64_t ld,
+                        const uint32_t* __restrict slot, const uint32_t* __restrict row,
+                        const uint32_t* __restrict col, int64_t i0, int64_t i1, float* __restrict g) {
+    int64_t i = i0;
+    while (i < i1) {
+        const float* a = gyt + (int64_t)row[i] * ld;
+        if (four_in_row(row, i, i1)) {
+            const float* b0 = xt + (int64_t)col[i] * ld;
+            const float* b1 = xt + (int64_t)col[i + 1] * ld;
+            const float* b2 = xt + (int64_t)col[i + 2] * ld;
+            const float* b3 = xt + (int64_t)col[i + 3] * ld;
+            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+            for (int64_t t = 0; t < ld; ++t) {
+                const float av = a[t];
+                s0 += av * b0[t];
+                s1 += av * b1[t];
+                s2 += av * b2[t];
+                s3 += av * b3[t];
+            }
+            g[slot ? slot[i] : i] += s0;
+            g[slot ? slot[i + 1] : i + 1] += s1;
+            g[slot ? slot[i + 2] : i + 2] += s2;
+            g[slot ? slot[i + 3] : i + 3] += s3;
+            i += 4;
+        } else {
+            const float* b = xt + (int64_t)col[i] * ld;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t t = 0; t < ld; ++t) s += a[t] * b[t];
+            g[slot ? slot[i] : i] += s;
+            ++i;
+        }
+    }
+}
+
+#if RANDMASK_X86
+RANDMASK_TARGET("avx512f")
+inline float hsum512(__m512 v) {
+    // The masked (maskz) extracts: the plain ones (and the 512->256 cast, _mm512_reduce_add_ps) trip GCC 12's
+    // -Wmaybe-uninitialized false positive inside its own headers.
+    const __m128 lo = _mm_add_ps(_mm512_maskz_extractf32x4_ps(0xF, v, 0), _mm512_maskz_extractf32x4_ps(0xF, v, 1));
+    const __m128 hi = _mm_add_ps(_mm512_maskz_extractf32x4_ps(0xF, v, 2), _mm512_maskz_extractf32x4_ps(0xF, v, 3));
+    __m128 s = _mm_add_ps(lo, hi);
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+RANDMASK_TARGET("avx512f")
+void dot_slots_avx512(const float* __restrict gyt, const float* __restrict xt, int64_t ld,
+                      const uint32_t* __restrict slot, const uint32_t* __restrict row,
+                      const uint32_t* __restrict col, int64_t i0, int64_t i1, float* __restrict g) {
+    int64_t i = i0;
+    while (i < i1) {
+        const float* a = gyt + (int64_t)row[i] * ld;
+        if (four_in_row(row, i, i1)) {
+            const float* b0 = xt + (int64_t)col[i] * ld;
+            const float* b1 = xt + (int64_t)col[i + 1] * ld;
+            const float* b2 = xt + (int64_t)col[i + 2] * ld;
+            const float* b3 = xt + (int64_t)col[i + 3] * ld;
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, u0 = s0, u1 = s0, u2 = s0, u3 = s0;
+            int64_t t = 0;
+            for (; t + 32 <= ld; t += 32) {
+                const __m512 a0 = _mm512_load_ps(a + t), a1 = _mm512_load_ps(a + t + 16);
+                s0 = _mm512_fmadd_ps(a0, _mm512_load_ps(b0 + t), s0);
+                s1 = _mm512_fmadd_ps(a0, _mm512_load_ps(b1 + t), s1);
+                s2 = _mm512_fmadd_ps(a0, _mm512_load_ps(b2 + t), s2);
+                s3 = _mm512_fmadd_ps(a0, _mm512_load_ps(b3 + t), s3);
+                u0 = _mm512_fmadd_ps(a1, _mm512_load_ps(b0 + t + 16), u0);
+                u1 = _mm512_fmadd_ps(a1, _mm512_load_ps(b1 + t + 16), u1);
+                u2 = _mm512_fmadd_ps(a1, _mm512_load_ps(b2 + t + 16), u2);
+                u3 = _mm512_fmadd_ps(a1, _mm512_load_ps(b3 + t + 16), u3);
+            }
+            if (t < ld) {
+                const __m512 a0 = _mm512_load_ps(a + t);
+                s0 = _mm512_fmadd_ps(a0, _mm512_load_ps(b0 + t), s0);
+                s1 = _mm512_fmadd_ps(a0, _mm512_load_ps(b1 + t), s1);
+                s2 = _mm512_fmadd_ps(a0, _mm512_load_ps(b2 + t), s2);
+                s3 = _mm512_fmadd_ps(a0, _mm512_load_ps(b3 + t), s3);
+            }
+            g[slot ? slot[i] : i] += hsum512(_mm512_add_ps(s0, u0));
+            g[slot ? slot[i + 1] : i + 1] += hsum512(_mm512_add_ps(s1, u1));
+            g[slot ? slot[i + 2] : i + 2] += hsum512(_mm512_add_ps(s2, u2));
+            g[slot ? slot[i + 3] : i + 3] += hsum512(_mm512_add_ps(s3, u3));
+            i += 4;
+        } else {
+            const float* b = xt + (int64_t)col[i] * ld;
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+            int64_t t = 0;
+            for (; t + 32 <= ld; t += 32) {
+                s0 = _mm512_fmadd_ps(_mm512_load_ps(a + t), _mm512_load_ps(b + t), s0);
+                s1 = _mm512_fmadd_ps(_mm512_load_ps(a + t + 16), _mm512_load_ps(b + t + 16), s1);
+            }
+            if (t < ld) s0 = _mm512_fmadd_ps(_mm512_load_ps(a + t), _mm512_load_ps(b + t), s0);
+            g[slot ? slot[i] : i] += hsum512(_mm512_add_ps(s0, s1));
+            ++i;
+        }
+    }
+}
+
+RANDMASK_TARGET("avx2,fma")
+inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+RANDMASK_TARGET("avx2,fma")
+void dot_slots_avx2(const float* __restrict gyt, const float* __restrict xt, int64_t ld,
+                    const uint32_t* __restrict slot, const uint32_t* __restrict row, const uint32_t* __restrict col,
+                    int64_t i0, int64_t i1, float* __restrict g) {
+    int64_t i = i0;
+    while (i < i1) {
+        const float* a = gyt + (int64_t)row[i] * ld;
+        if (four_in_row(row, i, i1)) {
+            const float* b0 = xt + (int64_t)col[i] * ld;
+            const float* b1 = xt + (int64_t)col[i + 1] * ld;
+            const float* b2 = xt + (int64_t)col[i + 2] * ld;
+            const float* b3 = xt + (int64_t)col[i + 3] * ld;
+            __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, u0 = s0, u1 = s0, u2 = s0, u3 = s0;
+            for (int64_t t = 0; t < ld; t += 16) {  // ld is a multiple of 16
+                const __m256 a0 = _mm256_load_ps(a + t), a1 = _mm256_load_ps(a + t + 8);
+                s0 = _mm256_fmadd_ps(a0, _mm256_load_ps(b0 + t), s0);
+                s1 = _mm256_fmadd_ps(a0, _mm256_load_ps(b1 + t), s1);
+                s2 = _mm256_fmadd_ps(a0, _mm256_load_ps(b2 + t), s2);
+                s3 = _mm256_fmadd_ps(a0, _mm256_load_ps(b3 + t), s3);
+                u0 = _mm256_fmadd_ps(a1, _mm256_load_ps(b0 + t + 8), u0);
+                u1 = _mm256_fmadd_ps(a1, _mm256_load_ps(b1 + t + 8), u1);
+                u2 = _mm256_fmadd_ps(a1, _mm256_load_ps(b2 + t + 8), u2);
+                u3 = _mm256_fmadd_ps(a1, _mm256_load_ps(b3 + t + 8), u3);
+            }
+            g[slot ? slot[i] : i] += hsum256(_mm256_add_ps(s0, u0));
+            g[slot ? slot[i + 1] : i + 1] += hsum256(_mm256_add_ps(s1, u1));
+            g[slot ? slot[i + 2] : i + 2] += hsum256(_mm256_add_ps(s2, u2));
+            g[slot ? slot[i + 3] : i + 3] += hsum256(_mm256_add_ps(s3, u3));
+            i += 4;
+        } else {
+            const float* b = xt + (int64_t)col[i] * ld;
+            __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+            for (int64_t t = 0; t < ld; t += 16) {
+                s0 = _mm256_fmadd_ps(_mm256_load_ps(a + t), _mm256_load_ps(b + t), s0);
+                s1 = _mm256_fmadd_ps(_mm256_load_ps(a + t + 8), _mm256_load_ps(b + t + 8), s1);
+            }
+            g[slot ? slot[i] : i] += hsum256(_mm256_add_ps(s0, s1));
+            ++i;
+        }
+    }
+}
+#endif
+
+// rows[i], cols[i] = position of slot k0 + i, for i < count: sigma from randmask_mask.h, restated as a loop the
+// compiler vectorises (compiled once per ISA like the dot loops). Divisions by the radix B and by the width go
+// through double reciprocals with one exact integer correction step (the quotient estimate is off by at most one),
+// and every other step is the header's uint32 arithmetic; the rare slots whose P(k) lands outside [0, N) are walked
+// afterwards by the header itself. test_native_cpu and tests/test_native_kernels.py hold the result to the header
+// and to the torch twin bit for bit.
+using PosFn = void (*)(const randmask_mask_t&, uint32_t, int64_t, uint32_t*, uint32_t*);
+
+#define RANDMASK_ROUND_OFFSET(v, rk, mod) \
+    ((uint32_t)(((uint64_t)randmask_fmix32(((v) * RANDMASK_GOLDEN) ^ (rk)) * (mod)) >> 32))
+
+// P(x) (one pass of the 6 rounds) on uint32 x < 2^31, branch-free so that loops over it vectorise.
+__attribute__((always_inline)) inline uint32_t permute_once(uint32_t x, uint32_t A, uint32_t B, double inv_b,
+                                                            const uint32_t* rk) {
+    int32_t a = (int32_t)((double)(int32_t)x * inv_b);
+    int32_t b = (int32_t)(x - (uint32_t)a * B);  // in (-B, 2B): one correction makes (a, b) = divmod(x, B)
+    a = b < 0 ? a - 1 : (b >= (int32_t)B ? a + 1 : a);
+    b = b < 0 ? b + (int32_t)B : (b >= (int32_t)B ? b - (int32_t)B : b);
+    uint32_t ua = (uint32_t)a, ub = (uint32_t)b, t;
+    t = ub + RANDMASK_ROUND_OFFSET(ua, rk[0], B); ub = t >= B ? t - B : t;
+    t = ua + RANDMASK_ROUND_OFFSET(ub, rk[1], A); ua = t >= A ? t - A : t;
+    t = ub + RANDMASK_ROUND_OFFSET(ua, rk[2], B); ub = t >= B ? t - B : t;
+    t = ua + RANDMASK_ROUND_OFFSET(ub, rk[3], A); ua = t >= A ? t - A : t;
+    t = ub + RANDMASK_ROUND_OFFSET(ua, rk[4], B); ub = t >= B ? t - B : t;
+    t = ua + RANDMASK_ROUND_OFFSET(ub, rk[5], A); ua = t >= A ? t - A : t;
+    return ua * B + ub;  // in [0, A*B)
+}
+
+__attribute__((always_inline)) inline void positions_body(const randmask_mask_t& m, uint32_t k0, int64_t count,
+                                                          uint32_t* __restrict rows, uint32_t* __restrict cols) {
+    const uint32_t A = m.a, B = m.b, C = m.cols, R = m.rows;
+    const uint32_t rk[RANDMASK_ROUNDS] = {m.rk[0], m.rk[1], m.rk[2], m.rk[3], m.rk[4], m.rk[5]};
+    const double inv_b = 1.0 / B, inv_c = 1.0 / C;
+    if (R > 1 && C > 1) {  // then C, R <= 2^30: every signed intermediate below fits int32
+        for (int64_t i = 0; i < count; ++i) {
+            const uint32_t p = permute_once(k0 + (uint32_t)i, A, B, inv_b, rk);
+            // p < 2^32 and C >= 2, so p / C < 2^31; the double estimate is off by at most one
+            int32_t r = (int32_t)((double)p * inv_c);
+            int32_t c = (int32_t)(p - (uint32_t)r * C);
+            r = c < 0 ? r - 1 : (c >= (int32_t)C ? r + 1 : r);
+            c = c < 0 ? c + (int32_t)C : (c >= (int32_t)C ? c - (int32_t)C : c);
+            rows[i] = (uint32_t)r;  // >= R: p is outside the matrix, walked below
+            cols[i] = (uint32_t)c;
+        }
+    } else if (R == 1) {  // 1xN: (0, p), or row R (to be walked) when p >= N
+        for (int64_t i = 0; i < count; ++i) {
+            const uint32_t p = permute_once(k0 + (uint32_t)i, A, B, inv_b, rk);
+            rows[i] = p >= C ? R : 0u;
+            cols[i] = p;
+        }
+    } else {  // Nx1: (p, 0)
+        for (int64_t i = 0; i < count; ++i) {
+            rows[i] = permute_once(k0 + (uint32_t)i, A, B, inv_b, rk);
+            cols[i] = 0u;
+        }
+    }
+    for (int64_t i = 0; i < count; ++i) {  // cycle-walking: probability < 1/sqrt(N) per slot
+        if (rows[i] >= R) randmask_position(&m, k0 + (uint32_t)i, &rows[i], &cols[i]);
+    }
+}
+
+void positions_portable(const randmask_mask_t& m, uint32_t k0, int64_t count, uint32_t* rows, uint32_t* cols) {
+    positions_body(m, k0, count, rows, cols);
+}
+
+#if RANDMASK_X86
+RANDMASK_TARGET("avx512f,avx512dq,avx512vl,avx512bw")
+void positions_avx512(const randmask_mask_t& m, uint32_t k0, int64_t count, uint32_t* rows, uint32_t* cols) {
+    positions_body(m, k0, count, rows, cols);
+}
+
+RANDMASK_TARGET("avx2,fma")
+void positions_avx2(const randmask_mask_t& m, uint32_t k0, int64_t count, uint32_t* rows, uint32_t* cols) {
+    positions_body(m, k0, count, rows, cols);
+}
+#endif
+
+struct Isa {
+    const char* name;
+    DotFn dot;
+    PosFn pos;
+    bool fast_transpose;  // AVX2 + F16C 8x8 transposes
+};
+
+const Isa kPortable = {"portable", dot_slots_portable, positions_portable, false};
+#if RANDMASK_X86
+const Isa kAvx2 = {"avx2", dot_slots_avx2, positions_avx2, true};
+const Isa kAvx512 = {"avx512f", dot_slots_avx512, positions_avx512, true};
+#endif
+
+// The loops for this CPU (or the ones randmask_cpu_select_isa chose, for tests and benchmarks).
+Isa best_isa() {
+#if RANDMASK_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+        return kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return kAvx2;
+#endif
+    return kPortable;
+}
+
+// Positions of slots [k0, k0 + count) in blocks of kPosBlock (cache-sized) through the selected ISA's loop.
+constexpr int64_t kPosBlock = 1024;
+
+Isa g_isa = best_isa();
+
+// f(std::integral_constant<int, D>{}) for the runtime dtype code d (already validated).
+template <typename F>
+void with_dtype(int d, F&& f) {
+    if (d == RANDMASK_F32) f(std::integral_constant<int, RANDMASK_F32>{});
+    else if (d == RANDMASK_F16) f(std::integral_constant<int, RANDMASK_F16>{});
+    else f(std::integral_constant<int, RANDMASK_BF16>{});
+}
+
+// The masked gradient without the transposes, for a handful of slots: each slot reads its column of x and of
+// grad_y straight from the (T, features) inputs (strided loads, 4 partial sums), threads over slots. It costs
+// ~2 * n * T scattered loads against the ~(in + out) * T element moves of the transposes, so it wins while n is
+// a small fraction of in + out (kDirectRatio, measured).
+template <int XD, int GD>
+void masked_grad_direct(const randmask_mask_t& m, const void* x, int64_t x_st, int64_t x_sc, const void* gy,
+                        int64_t gy_st, int64_t gy_sc, int64_t tokens, int64_t n, float* g, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 8) if (n * tokens >= kSerialWork)
+    for (int64_t k = 0; k < n; ++k) {
+        uint32_t r, c;
+        randmask_position(&m, (uint32_t)k, &r, &c);
+        const int64_t xo = (int64_t)c * x_sc, go = (int64_t)r * gy_sc;
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+        int64_t t = 0;
+        for (; t + 4 <= tokens; t += 4) {
+            s0 += load_f32<GD>(gy, t * gy_st + go) * load_f32<XD>(x, t * x_st + xo);
+            s1 += load_f32<GD>(gy, (t + 1) * gy_st + go) * load_f32<XD>(x, (t + 1) * x_st + xo);
+            s2 += load_f32<GD>(gy, (t + 2) * gy_st + go) * load_f32<XD>(x, (t + 2) * x_st + xo);
+            s3 += load_f32<GD>(gy, (t + 3) * gy_st + go) * load_f32<XD>(x, (t + 3) * x_st + xo);
+        }
+        for (; t < tokens; ++t) s0 += load_f32<GD>(gy, t * gy_st + go) * load_f32<XD>(x, t * x_st + xo);
+        g[k] = (s0 + s1) + (s2 + s3);
+    }
+}
+
+int env_int(const char* name, int fallback) {
+    const char* v = std::getenv(name);
+    return v && *v ? std::atoi(v) : fallback;
+}
+
+// Sparse update: weight[r_k, c_k] = round_WD(float(base[k]) + delta[k]) for k < n, nothing else written (sigma is a
+// bijection, so no two slots share an entry). Threads take blocks of kPosBlock = 1024 slots dynamically (one thread
+// below 4 blocks): positions of the block into stack arrays, then the rounded writes.
+template <int WD, int BD>
+void update_impl(const randmask_mask_t& m, PosFn pos, void* weight, int64_t sr, int64_t sc, const void* base,
+                 const float* delta, int64_t n, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (n > 4 * kPosBlock)
+    for (int64_t k0 = 0; k0 < n; k0 += kPosBlock) {
+        uint32_t rows[kPosBlock], cols[kPosBlock];
+        const int64_t count = std::min(kPosBlock, n - k0);
+        pos(m, (uint32_t)k0, count, rows, cols);
+        for (int64_t i = 0; i < count; ++i)
+            store_rounded<WD>(weight, rows[i] * sr + cols[i] * sc, load_f32<BD>(base, k0 + i) + delta[k0 + i]);
+    }
+}
+
+
+// Gather: base[k] = weight[r_k, c_k] for k < n (a bit copy of E = uint32 or uint16). Same layout as update_impl.
+template <typename E>
+void gather_impl(const randmask_mask_t& m, PosFn pos, const E* weight, int64_t sr, int64_t sc, E* base, int64_t n,
+                 int nt) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (n > 4 * kPosBlock)
+    for (int64_t k0 = 0; k0 < n; k0 += kPosBlock) {
+        uint32_t rows[kPosBlock], cols[kPosBlock];
+        const int64_t count = std::min(kPosBlock, n - k0);
+        pos(m, (uint32_t)k0, count, rows, cols);
+        for (int64_t i = 0; i < count; ++i) base[k0 + i] = weight[rows[i] * sr + cols[i] * sc];
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int randmask_cpu_abi_version(void) { return RANDMASK_NATIVE_ABI; }
+
+int randmask_cpu_max_threads(void) { return threads_for(0); }
+
+const char* randmask_cpu_isa(void) { return g_isa.name; }
+
+int randmask_cpu_select_isa(const char* name) {
+    if (!name) return RANDMASK_EINVAL;
+    const Isa best = best_isa();
+    if (!std::strcmp(name, "best")) g_isa = best;
+    else if (!std::strcmp(name, "portable")) g_isa = kPortable;
+#if RANDMASK_X86
+    else if (!std::strcmp(name, "avx2") && best.dot != dot_slots_portable) g_isa = kAvx2;
+    else if (!std::strcmp(name, "avx512f") && best.dot == dot_slots_avx512) g_isa = kAvx512;
+#endif
+    else return RANDMASK_EINVAL;
+    return RANDMASK_OK;
+}
+
+int randmask_cpu_positions(int64_t out, int64_t in, int64_t n, uint64_t key, int64_t* rows, int64_t* cols,
+                           int nthreads) {
+    if (n < 0 || out < 0 || in < 0 || n > out * in || (n && (!rows || !cols))) return RANDMASK_EINVAL;
+    if (n == 0) return RANDMASK_OK;
+    const randmask_mask_t m = make_mask(out, in, n, key);
+    if (!m.numel) return RANDMASK_EINVAL;
+    const int nt = threads_for(nthreads);
+    const PosFn pos = g_isa.pos;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (n > 4 * kPosBlock)
+    for (int64_t k0 = 0; k0 < n; k0 += kPosBlock) {
+        uint32_t r[kPosBlock], c[kPosBlock];
+        const int64_t count = std::min(kPosBlock, n - k0);
+        pos(m, (uint32_t)k0, count, r, c);
+        for (int64_t i = 0; i < count; ++i) {
+            rows[k0 + i] = r[i];
+            cols[k0 + i] = c[i];
+        }
+    }
+    return RANDMASK_OK;
+}
+
+int randmask_cpu_masked_grad(const void* x, int x_dtype, int64_t x_st, int64_t x_sc, const void* grad_y,
+                             int gy_dtype, int64_t gy_st, int64_t gy_sc, int64_t tokens, int64_t in, int64_t out,
+                             int64_t n, uint64_t key, float* g, int nthreads) {
+    if (!valid_dtype(x_dtype) || !valid_dtype(gy_dtype)) return RANDMASK_EDTYPE;
+    if (n < 0 || tokens < 0 || out < 0 || in < 0 || n > out * in || (n && !g)) return RANDMASK_EINVAL;
+    if (n == 0) return RANDMASK_OK;
+    const randmask_mask_t m = make_mask(out, in, n, key);
+    if (!m.numel) return RANDMASK_EINVAL;
+    std::memset(g, 0, sizeof(float) * (size_t)n);
+    if (tokens == 0) return RANDMASK_OK;
+    if (!x || !grad_y) return RANDMASK_EINVAL;
+    const int64_t direct_ratio = env_int("RANDMASK_NATIVE_DIRECT", kDirectRatio);
+    if (direct_ratio > 0 && direct_ratio * n < in + out) {
+        const int nt = threads_for(nthreads);
+        with_dtype(x_dtype, [&](auto xd) {
+            with_dtype(gy_dtype, [&](auto gd) {
+                masked_grad_direct<decltype(xd)::value, decltype(gd)::value>(m, x, x_st, x_sc, grad_y, gy_st, gy_sc,
+                                                                             tokens, n, g, nt);
+            });
+        });
+        return RANDMASK_OK;
+    }
+    try {
+        const DotFn dot = g_isa.dot;
+        const PosFn pos = g_isa.pos;
+        const bool fast = g_isa.fast_transpose;
+        int nt = threads_for(nthreads);
+        if ((n + in + out) * tokens < kSerialWork) nt = 1;  // dot products plus transposes
+        // Tokens per chunk: both transposed copies within kChunkBytes. RANDMASK_NATIVE_CHUNK / _SORT / _DIRECT
+        // override the chunk, the row sort (0/1) and the direct-path ratio: for benchmarks, not for users.
+        int64_t chunk = env_int("RANDMASK_NATIVE_CHUNK", 0);
+        if (chunk <= 0) chunk = std::clamp<int64_t>(kChunkBytes / (4 * (in + out)), kMinChunk, kMaxChunk);
+        chunk = std::min(round_up(chunk, kAlign), round_up(tokens, kAlign));
+        // Group slots by row (counting sort) when rows hold a few slots on average; otherwise slot order.
+        const int sort_mode = env_int("RANDMASK_NATIVE_SORT", -1);
+        const bool sort = sort_mode >= 0 ? sort_mode > 0 : n >= 2 * out;
+        Scratch tbuf(sizeof(float) * (size_t)((in + out) * chunk));
+        Scratch pbuf(sizeof(uint32_t) * (size_t)n * (sort ? 5 : 2));
+        Scratch hbuf(sort ? sizeof(int64_t) * (size_t)(nt * out) : 0);
+        if (!tbuf.p || !pbuf.p || (sort && !hbuf.p)) return RANDMASK_ENOMEM;
+        float* xt = tbuf.as<float>();
+        float* gyt = xt + in * chunk;
+        uint32_t* trow = pbuf.as<uint32_t>();  // slot order
+        uint32_t* tcol = trow + n;
+        uint32_t* srow = sort ? tcol + n : trow;  // row-sorted order (aliases slot order without sorting)
+        uint32_t* scol = sort ? srow + n : tcol;
+        uint32_t* sslot = sort ? scol + n : nullptr;
+        int64_t* hist = hbuf.as<int64_t>();
+        if (sort) std::memset(hist, 0, sizeof(int64_t) * (size_t)(nt * out));
+
+#pragma omp parallel num_threads(nt)
+        {
+#ifdef _OPENMP
+            const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+            const int tid = 0, nth = 1;
+#endif
+            const int64_t k0 = n * tid / nth, k1 = n * (tid + 1) / nth;
+            // 1. positions of this thread's slots (and their per-thread row histogram)
+            pos(m, (uint32_t)k0, k1 - k0, trow + k0, tcol + k0);
+            if (sort)
+                for (int64_t k = k0; k < k1; ++k) ++hist[tid * out + trow[k]];
+            if (sort) {
+#pragma omp barrier
+#pragma omp single
+                {  // exclusive offsets, row-major then thread: each thread's slots of a row stay in slot order
+                    int64_t run = 0;
+                    for (int64_t r = 0; r < out; ++r)
+                        for (int j = 0; j < nth; ++j) {
+                            const int64_t c = hist[j * out + r];
+                            hist[j * out + r] = run;
+                            run += c;
+                        }
+                }
+                for (int64_t k = k0; k < k1; ++k) {
+                    const int64_t at = hist[tid * out + trow[k]]++;
+                    srow[at] = trow[k];
+                    scol[at] = tcol[k];
+                    sslot[at] = (uint32_t)k;
+                }
+            }
+            // 2.-3. per token chunk: transposes, barrier, dot products in dynamic blocks, implicit barrier
+            for (int64_t t0 = 0; t0 < tokens; t0 += chunk) {
+                const int64_t tc = std::min(chunk, tokens - t0), ld = round_up(tc, kAlign);
+                transpose_any(x_dtype, x, x_st, x_sc, t0, tc, in, xt, ld, fast);
+                transpose_any(gy_dtype, grad_y, gy_st, gy_sc, t0, tc, out, gyt, ld, fast);
+#pragma omp barrier
+                // dynamic: a thread that lost its core (a busy machine) does not hold the others up; the blocks
+                // are fixed, so every slot is summed the same way whatever the thread count
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t i = 0; i < n; i += kDotBlock)
+                    dot(gyt, xt, ld, sslot, srow, scol, i, std::min(i + kDotBlock, n), g);
+            }
+        }
+    } catch (const std::bad_alloc&) {
+        return RANDMASK_ENOMEM;
+    } catch (...) {
+        return RANDMASK_EINVAL;
+    }
+    return RANDMASK_OK;
+}
+
+int randmask_cpu_gather_weight(const void* weight, int w_dtype, int64_t w_sr, int64_t w_sc, int64_t out, int64_t in,
+                               int64_t n, uint64_t key, void* base, int nthreads) {
+    if (!valid_dtype(w_dtype)) return RANDMASK_EDTYPE;
+    if (n < 0 || out < 0 || in < 0 || n > out * in || (n && (!weight || !base))) return RANDMASK_EINVAL;
+    if (n == 0) return RANDMASK_OK;
+    const randmask_mask_t m = make_mask(out, in, n, key);
+    if (!m.numel) return RANDMASK_EINVAL;
+    const int nt = threads_for(nthreads);
+    if (dtype_size(w_dtype) == 4)
+        gather_impl(m, g_isa.pos, static_cast<const uint32_t*>(weight), w_sr, w_sc, static_cast<uint32_t*>(base), n,
+                    nt);
+    else
+        gather_impl(m, g_isa.pos, static_cast<const uint16_t*>(weight), w_sr, w_sc, static_cast<uint16_t*>(base), n,
+                    nt);
+    return RANDMASK_OK;
+}
+
+int randmask_cpu_sparse_update(void* weight, int w_dtype, int64_t w_sr, int64_t w_sc, int64_t out, int64_t in,
+                               const void* base, int base_dtype, const float* delta, int64_t n, uint64_t key,
+                               int nthreads) {
+    if (!valid_dtype(w_dtype) || !valid_dtype(base_dtype)) return RANDMASK_EDTYPE;
+    if (n < 0 || out < 0 || in < 0 || n > out * in || (n && (!weight || !base || !delta))) return RANDMASK_EINVAL;
+    if (n == 0) return RANDMASK_OK;
+    const randmask_mask_t m = make_mask(out, in, n, key);
+    if (!m.numel) return RANDMASK_EINVAL;
+    const int nt = threads_for(nthreads);
+    const PosFn pos = g_isa.pos;
+    with_dtype(w_dtype, [&](auto wd) {
+        with_dtype(base_dtype, [&](auto bd) {
+            update_impl<decltype(wd)::value, decltype(bd)::value>(m, pos, weight, w_sr, w_sc, base, delta, n, nt);
+        });
+    });
+    return RANDMASK_OK;
+}
+
+}  // extern "C"

@@ -1,0 +1,244 @@
+// test_native_cpu.cpp: the native CPU library (native_cpu.cpp, through its C ABI) against a naive reference.
+//
+// The reference takes positions from randmask_mask.h (itself held to tests/vectors by test_mask_vectors) and sums
+// in double; the library must agree to fp32 accuracy on the masked gradient and exactly on gather, sparse update
+// and positions. Shapes: 1xN, Nx1, primes, n = 0, n = N, T = 0, strided (non-contiguous) inputs; fp32/fp16/bf16.
+// tests/test_native_kernels.py holds the same library to the torch twins.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "randmask_dtype.h"
+#include "randmask_mask.h"
+#include "randmask_native.h"
+
+namespace {
+
+int failures = 0;
+
+#define CHECK(cond, ...)                                    \
+    do {                                                    \
+        if (!(cond)) {                                      \
+            ++failures;                                     \
+            std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+            std::printf(__VA_ARGS__);                       \
+            std::printf("\n");                              \
+        }                                                   \
+    } while (0)
+
+const uint64_t kKey = 0x0123456789ABCDEFull;
+
+// A (rows, cols) matrix stored with strides (sr, sc) in a buffer of 16-bit or 32-bit elements.
+struct Strided {
+    int dtype;
+    int64_t rows, cols, sr, sc;
+    std::vector<uint32_t> f32;
+    std::vector<uint16_t> h16;
+    const void* data() const { return dtype == RANDMASK_F32 ? (const void*)f32.data() : (const void*)h16.data(); }
+    void* data() { return dtype == RANDMASK_F32 ? (void*)f32.data() : (void*)h16.data(); }
+    float at(int64_t r, int64_t c) const {
+        const int64_t i = r * sr + c * sc;
+        if (dtype == RANDMASK_F32) return randmask_f32_from_bits(f32[i]);
+        return dtype == RANDMASK_F16 ? randmask_f16_to_f32(h16[i]) : randmask_bf16_to_f32(h16[i]);
+    }
+};
+
+// Random values rounded to `dtype`; `transposed` stores it column-major, `gap` leaves unused elements between.
+Strided make(int dtype, int64_t rows, int64_t cols, bool transposed, int64_t gap, std::mt19937& rng) {
+    Strided m{dtype, rows, cols, 0, 0, {}, {}};
+    if (transposed) {
+        m.sr = gap;
+        m.sc = rows * gap;
+    } else {
+        m.sr = cols * gap;
+        m.sc = gap;
+    }
+    const size_t size = (size_t)(rows * cols * gap + 1);
+    std::normal_distribution<float> normal(0.f, 1.f);
+    if (dtype == RANDMASK_F32) m.f32.assign(size, 0x7FC00000u);  // NaN in the gaps: reading one would show
+    else m.h16.assign(size, dtype == RANDMASK_F16 ? 0x7E00u : 0x7FC0u);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) {
+            const float v = normal(rng);
+            const int64_t i = r * m.sr + c * m.sc;
+            if (dtype == RANDMASK_F32) m.f32[i] = randmask_f32_bits(v);
+            else m.h16[i] = dtype == RANDMASK_F16 ? randmask_f32_to_f16(v) : randmask_f32_to_bf16(v);
+        }
+    return m;
+}
+
+void check_masked_grad(int64_t out, int64_t in, int64_t n, int64_t tokens, int xd, int gd, bool strided,
+                       std::mt19937& rng) {
+    const Strided x = make(xd, tokens, in, strided, strided ? 2 : 1, rng);
+    const Strided gy = make(gd, tokens, out, false, strided ? 3 : 1, rng);
+    std::vector<float> g((size_t)n + 1, -1.f);
+    const int status = randmask_cpu_masked_grad(x.data(), xd, x.sr, x.sc, gy.data(), gd, gy.sr, gy.sc, tokens, in,
+                                                out, n, kKey, g.data(), 0);
+    CHECK(status == RANDMASK_OK, "masked_grad %lldx%lld n=%lld T=%lld: status %d", (long long)out, (long long)in,
+          (long long)n, (long long)tokens, status);
+    if (status != RANDMASK_OK) return;
+    const randmask_mask_t m = randmask_mask_init((uint32_t)out, (uint32_t)in, kKey);
+    for (int64_t k = 0; k < n; ++k) {
+        uint32_t r, c;
+        randmask_position(&m, (uint32_t)k, &r, &c);
+        double ref = 0.0, mag = 0.0;
+        for (int64_t t = 0; t < tokens; ++t) {
+            const double p = (double)gy.at(t, r) * (double)x.at(t, c);
+            ref += p;
+            mag += std::fabs(p);
+        }
+        // fp32 accumulation: the error is bounded by ~T * eps * sum |terms| in the worst case; the loops sum in
+        // 16 lanes then reduce, so a few eps * sqrt(T) * sum |terms| is generous and still catches any wrong term.
+        const double err = std::fabs((double)g[k] - ref);
+        const double tol = 1e-5 * std::fabs(ref) + 4e-7 * std::sqrt((double)tokens + 1) * mag;
+        CHECK(err <= tol, "masked_grad %lldx%lld n=%lld T=%lld dtypes %d/%d%s: slot %lld got %.9g want %.9g",
+              (long long)out, (long long)in, (long long)n, (long long)tokens, xd, gd, strided ? " strided" : "",
+              (long long)k, (double)g[k], ref);
+        if (err > tol) return;
+    }
+    CHECK(g[(size_t)n] == -1.f, "masked_grad wrote past g[n - 1]");
+}
+
+void check_weight_ops(int64_t out, int64_t in, int64_t n, int wd, int bd, bool transposed, std::mt19937& rng) {
+    Strided w = make(wd, out, in, transposed, 1, rng);
+    const Strided before = w;
+    // gather: base[k] = weight[r_k, c_k], bit for bit
+    std::vector<uint32_t> base32((size_t)n + 1, 0xDEADBEEFu);
+    std::vector<uint16_t> base16((size_t)n + 1, 0xBEEFu);
+    void* gathered = wd == RANDMASK_F32 ? (void*)base32.data() : (void*)base16.data();
+    int status = randmask_cpu_gather_weight(w.data(), wd, w.sr, w.sc, out, in, n, kKey, gathered, 0);
+    CHECK(status == RANDMASK_OK, "gather status %d", status);
+    const randmask_mask_t m = randmask_mask_init((uint32_t)out, (uint32_t)in, kKey);
+    for (int64_t k = 0; k < n && status == RANDMASK_OK; ++k) {
+        uint32_t r, c;
+        randmask_position(&m, (uint32_t)k, &r, &c);
+        const int64_t i = r * w.sr + c * w.sc;
+        const bool same = wd == RANDMASK_F32 ? base32[k] == w.f32[i] : base16[k] == w.h16[i];
+        CHECK(same, "gather %lldx%lld slot %lld differs", (long long)out, (long long)in, (long long)k);
+        if (!same) break;
+    }
+    // sparse update with a base of dtype bd: weight[r_k, c_k] = round_wd(float(base[k]) + delta[k])
+    std::normal_distribution<float> normal(0.f, 1.f);
+    Strided base = make(bd, 1, n > 0 ? n : 1, false, 1, rng);
+    std::vector<float> delta((size_t)(n > 0 ? n : 1));
+    for (auto& d : delta) d = 1e-2f * normal(rng);
+    status = randmask_cpu_sparse_update(w.data(), wd, w.sr, w.sc, out, in, base.data(), bd, delta.data(), n, kKey, 0);
+    CHECK(status == RANDMASK_OK, "sparse_update status %d", status);
+    std::vector<char> touched((size_t)(out * in), 0);
+    for (int64_t k = 0; k < n; ++k) {
+        uint32_t r, c;
+        randmask_position(&m, (uint32_t)k, &r, &c);
+        touched[(size_t)(r * in + c)] = 1;
+        const float v = base.at(0, k) + delta[(size_t)k];
+        const int64_t i = r * w.sr + c * w.sc;
+        bool same;
+        if (wd == RANDMASK_F32) same = w.f32[i] == randmask_f32_bits(v);
+        else same = w.h16[i] == (wd == RANDMASK_F16 ? randmask_f32_to_f16(v) : randmask_f32_to_bf16(v));
+        CHECK(same, "sparse_update %lldx%lld slot %lld wrong", (long long)out, (long long)in, (long long)k);
+        if (!same) return;
+    }
+    for (int64_t r = 0; r < out; ++r)  // nothing else moved
+        for (int64_t c = 0; c < in; ++c) {
+            const int64_t i = r * w.sr + c * w.sc;
+            const bool same = wd == RANDMASK_F32 ? w.f32[i] == before.f32[i] : w.h16[i] == before.h16[i];
+            if (!touched[(size_t)(r * in + c)] && !same) {
+                CHECK(false, "sparse_update touched unmasked (%lld, %lld)", (long long)r, (long long)c);
+                return;
+            }
+        }
+}
+
+void check_positions(int64_t out, int64_t in, int64_t n) {
+    std::vector<int64_t> rows((size_t)n + 1), cols((size_t)n + 1);
+    const int status = randmask_cpu_positions(out, in, n, kKey, rows.data(), cols.data(), 0);
+    CHECK(status == RANDMASK_OK, "positions status %d", status);
+    const randmask_mask_t m = randmask_mask_init((uint32_t)out, (uint32_t)in, kKey);
+    for (int64_t k = 0; k < n; ++k) {
+        uint32_t r, c;
+        randmask_position(&m, (uint32_t)k, &r, &c);
+        if (rows[k] != r || cols[k] != c) {
+            CHECK(false, "positions %lldx%lld slot %lld", (long long)out, (long long)in, (long long)k);
+            return;
+        }
+    }
+}
+
+void check_rounding() {
+    // Hand-checked narrowing cases: ties to even, overflow to inf, fp16 subnormals, NaN stays NaN.
+    CHECK(randmask_f32_to_bf16(1.0f) == 0x3F80u, "bf16(1)");
+    CHECK(randmask_f32_to_bf16(randmask_f32_from_bits(0x3F808000u)) == 0x3F80u, "bf16 tie to even (down)");
+    CHECK(randmask_f32_to_bf16(randmask_f32_from_bits(0x3F818000u)) == 0x3F82u, "bf16 tie to even (up)");
+    CHECK(randmask_f32_to_bf16(randmask_f32_from_bits(0x7F7FFFFFu)) == 0x7F80u, "bf16 overflow to inf");
+    CHECK((randmask_f32_to_bf16(NAN) & 0x7FFFu) > 0x7F80u, "bf16 NaN");
+    CHECK(randmask_f32_to_f16(1.0f) == 0x3C00u, "f16(1)");
+    CHECK(randmask_f32_to_f16(65504.f) == 0x7BFFu, "f16 max");
+    CHECK(randmask_f32_to_f16(65519.f) == 0x7BFFu, "f16 below the overflow tie");
+    CHECK(randmask_f32_to_f16(65520.f) == 0x7C00u, "f16 overflow tie to inf");
+    CHECK(randmask_f32_to_f16(-1e9f) == 0xFC00u, "f16 -inf");
+    CHECK(randmask_f32_to_f16(std::ldexp(1.f, -24)) == 0x0001u, "f16 smallest subnormal");
+    CHECK(randmask_f32_to_f16(std::ldexp(1.f, -25)) == 0x0000u, "f16 2^-25 ties to 0");
+    CHECK(randmask_f32_to_f16(std::ldexp(3.f, -26)) == 0x0001u, "f16 0.75 * 2^-24 rounds up");
+    CHECK(randmask_f32_to_f16(std::ldexp(3.f, -25)) == 0x0002u, "f16 1.5 * 2^-24 ties to even 2");
+    CHECK(randmask_f32_to_f16(1.0f + std::ldexp(1.f, -11)) == 0x3C00u, "f16 tie to even (down)");
+    CHECK(randmask_f32_to_f16(1.0f + 3 * std::ldexp(1.f, -11)) == 0x3C02u, "f16 tie to even (up)");
+    CHECK((randmask_f32_to_f16(NAN) & 0x7FFFu) > 0x7C00u, "f16 NaN");
+    for (uint32_t h = 0; h < 0x10000u; ++h) {  // widening then narrowing is the identity on every non-NaN fp16
+        if ((h & 0x7FFFu) > 0x7C00u) continue;
+        if (randmask_f32_to_f16(randmask_f16_to_f32((uint16_t)h)) != h) {
+            CHECK(false, "f16 round trip 0x%04x", h);
+            break;
+        }
+    }
+}
+
+}  // namespace
+
+int main() {
+    std::mt19937 rng(1234);
+    CHECK(randmask_cpu_abi_version() == RANDMASK_NATIVE_ABI, "ABI version");
+    std::printf("native CPU library: ISA %s, %d threads\n", randmask_cpu_isa(), randmask_cpu_max_threads());
+    check_rounding();
+
+    struct Case { int64_t out, in, n, tokens; };
+    const Case cases[] = {
+        {1, 97, 30, 5},       // 1xN
+        {89, 1, 89, 33},      // Nx1, n = N
+        {53, 47, 0, 17},      // n = 0
+        {53, 47, 53 * 47, 17},  // n = N, primes
+        {64, 48, 300, 0},     // T = 0
+        {31, 37, 200, 1},     // one token
+        {101, 67, 1500, 300}, // more than one token chunk
+        {576, 192, 4000, 130}, // sorted-by-row path (n >= 2 * out), tail chunk
+        {7, 1000, 20, 40},    // few slots, wide
+    };
+    const int dtypes[] = {RANDMASK_F32, RANDMASK_F16, RANDMASK_BF16};
+    for (const Case& c : cases) {
+        for (int xd : dtypes) {
+            check_masked_grad(c.out, c.in, c.n, c.tokens, xd, xd, false, rng);
+            check_masked_grad(c.out, c.in, c.n, c.tokens, xd, RANDMASK_F32, true, rng);
+            check_weight_ops(c.out, c.in, c.n, xd, xd, false, rng);
+            check_weight_ops(c.out, c.in, c.n, xd, RANDMASK_F32, true, rng);
+        }
+        check_positions(c.out, c.in, c.n);
+    }
+    // bad arguments are refused, not dereferenced
+    float g = 0.f;
+    CHECK(randmask_cpu_masked_grad(nullptr, 0, 1, 1, nullptr, 0, 1, 1, 4, 3, 3, 10, kKey, &g, 0) == RANDMASK_EINVAL,
+          "n > out * in accepted");
+    CHECK(randmask_cpu_masked_grad(&g, 7, 1, 1, &g, 0, 1, 1, 1, 1, 1, 1, kKey, &g, 0) == RANDMASK_EDTYPE,
+          "bad dtype accepted");
+    CHECK(randmask_cpu_sparse_update(nullptr, 0, 1, 1, 3, 3, nullptr, 0, nullptr, 2, kKey, 0) == RANDMASK_EINVAL,
+          "null pointers accepted");
+    CHECK(randmask_cpu_gather_weight(nullptr, 0, 1, 1, 70000, 70000, 1, kKey, nullptr, 0) == RANDMASK_EINVAL,
+          "a matrix of 2^32 entries accepted");
+
+    if (failures) {
+        std::printf("%d failure(s)\n", failures);
+        return 1;
+    }
+    std::printf("all native CPU checks passed\n");
+    return 0;
+}
