@@ -8,7 +8,8 @@ import weakref
 
 import torch
 
-from randmask.backend import use_triton
+from randmask.backend import kernel_backend, use_triton
+from randmask.kernels import native
 from randmask.kernels.mask_addressing import MASK_SCHEME, MAX_ENTRIES, flat_to_slot_torch, slot_to_flat_torch
 
 __all__ = ["MASK_SCHEME", "MatrixMask", "layer_key", "count_for_density", "mask_positions", "mask_slots"]
@@ -60,6 +61,8 @@ def mask_positions(shape, n: int, key: int, device=None) -> tuple[torch.Tensor, 
         from randmask.kernels.positions import mask_positions_triton
 
         return mask_positions_triton(out_features, in_features, n, key, device)
+    if kernel_backend(device) == "native":
+        return native.positions_native((out_features, in_features), n, key)
     flat = slot_to_flat_torch(torch.arange(n, dtype=torch.int64, device=device), out_features * in_features, key)
     return torch.div(flat, in_features, rounding_mode="floor"), flat % in_features
 

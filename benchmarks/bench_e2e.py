@@ -1,0 +1,247 @@
+"""End-to-end training step: randmask against full fine-tuning, the frozen floor, PEFT LoRA, PEFT SHiRA and the naive
+dense-masked model, on one Llama-shaped model built from a config, same batch, same targets, equal trainable counts.
+
+    python benchmarks/bench_e2e.py                       # SmolLM2-135M shape, fp32, CPU, batch 4 x 128
+    python benchmarks/bench_e2e.py --shape 1b --dtype bfloat16 --device cuda
+
+Each method runs in its own process (so peak memory is its own): warm-up steps, then the median of timed steps of
+forward + backward + AdamW step. Reports step time and peak memory as ratios to LoRA and to the frozen floor (every
+weight frozen, input gradients still computed: the work no method can avoid), and the adapter file size.
+Writes benchmarks/results/e2e_<device>_<shape>.{json,md,png}.
+"""
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+SHAPES = {  # LlamaConfig arguments
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+SETTINGS = {  # name: (targets, what sets the trainable count)
+    "qv": (["q_proj", "v_proj"], "randmask at trainable_ratio 0.01% of the model; LoRA/SHiRA r=8"),
+    "all-linear": (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                   "every method at LoRA r=8's count per matrix"),
+}
+METHODS = ["frozen", "randmask", "lora", "shira", "naive", "full"]
+
+
+def build_model(args):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(2048, args.seq))
+    with torch.device(args.device):
+        model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
+    model.requires_grad_(False)
+    return model
+
+
+class NaiveMasked:
+    """The official code's naive algorithm: W0 + D * M with D dense and trainable, M a dense 0/1 mask."""
+
+    @staticmethod
+    def apply(model, targets, counts):
+        import torch
+        import torch.nn as nn
+        import torch.nn.utils.parametrize as parametrize
+
+        from randmask import layer_key, mask_positions
+
+        class AddMasked(nn.Module):
+            def __init__(self, weight, n, key):
+                super().__init__()
+                mask = torch.zeros_like(weight, dtype=torch.bool)
+                mask[mask_positions(tuple(weight.shape), n, key, weight.device)] = True
+                self.register_buffer("mask", mask)
+                self.dense = nn.Parameter(torch.zeros_like(weight))
+
+            def forward(self, weight):
+                return weight + self.dense * self.mask
+
+        for name, module in list(model.named_modules()):
+            if name in counts:
+                parametrize.register_parametrization(module, "weight", AddMasked(module.weight, counts[name],
+                                                                                 layer_key(0, name)))
+
+
+def run_method(args):
+    """One method in this process: prints a JSON line with its measurements."""
+    import torch
+
+    model = build_model(args)
+    targets, _ = SETTINGS[args.setting]
+    total = sum(p.numel() for p in model.parameters())
+    linear = {name: m for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets}
+    lora_count = sum(8 * (m.in_features + m.out_features) for m in linear.values())
+    adapter_bytes = None
+    if args.method == "frozen":
+        model.enable_input_require_grads()  # the backward through every layer still runs
+    elif args.method == "full":
+        model.requires_grad_(True)
+    elif args.method in ("lora", "shira"):
+        from peft import LoraConfig, ShiraConfig, get_peft_model
+
+        config = (LoraConfig(r=8, lora_alpha=16, target_modules=targets) if args.method == "lora"
+                  else ShiraConfig(r=8, target_modules=targets, random_seed=0))
+        model = get_peft_model(model, config)
+    else:
+        import randmask
+
+        if args.setting == "qv":
+            config = randmask.RandMaskConfig(trainable_ratio=1e-4, target_modules=targets)
+        else:
+            config = randmask.RandMaskConfig(trainable_ratio=lora_count / total, target_modules=targets)
+        if args.method == "randmask":
+            randmask.apply(model, config)
+        else:
+            NaiveMasked.apply(model, targets, {name: n for name, _, n in randmask.plan(model, config)})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=gen).to(args.device)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+
+    def step():
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if args.method in ("lora", "shira", "randmask"):
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.method == "randmask":
+                from randmask.adapter import save_adapter
+
+                save_adapter(model, os.path.join(tmp, "adapter.safetensors"))
+            else:
+                model.save_pretrained(tmp)
+            adapter_bytes = sum(f.stat().st_size for f in pathlib.Path(tmp).rglob("*.safetensors"))
+    print(json.dumps({"method": args.method, "step_s": statistics.median(times), "peak_bytes": peak,
+                      "rss_growth_bytes": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024,
+                      "trainable": sum(p.numel() for p in trainable), "adapter_bytes": adapter_bytes}))
+
+
+def machine_name(device):
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="135m")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--settings", default="qv,all-linear", help="comma-separated: " + ", ".join(SETTINGS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
+    parser.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method in this process
+    parser.add_argument("--setting", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.method:
+        return run_method(args)
+    RESULTS.mkdir(exist_ok=True)
+    results = {"machine": machine_name(args.device), "shape": args.shape, "dtype": args.dtype,
+               "batch": args.batch, "seq": args.seq, "settings": {}}
+    for setting in args.settings.split(","):
+        rows = {}
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--method", method, "--setting", setting, "--shape", args.shape,
+                   "--dtype", args.dtype, "--device", args.device, "--batch", str(args.batch), "--seq",
+                   str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{setting}/{method} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                continue
+            rows[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{setting:10s} {method:9s} {rows[method]['step_s'] * 1e3:9.1f} ms "
+                  f"{rows[method]['peak_bytes'] / 2**20:9.1f} MiB  trainable {rows[method]['trainable']:,}",
+                  flush=True)
+        results["settings"][setting] = rows
+    stem = RESULTS / f"e2e_{args.device}_{args.shape}_{args.dtype}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    stem.with_suffix(".md").write_text(markdown(results))
+    plot(results, stem.with_suffix(".png"))
+    print(markdown(results))
+
+
+def markdown(results) -> str:
+    lines = [f"Machine: {results['machine']}; shape {results['shape']}, {results['dtype']}, batch "
+             f"{results['batch']} x {results['seq']} tokens; median step (forward + backward + AdamW).", ""]
+    for setting, rows in results["settings"].items():
+        lines += [f"**{setting}** ({SETTINGS[setting][1]})", "",
+                  "| method | trainable | step ms | × frozen | × LoRA | peak MiB | × LoRA | adapter KiB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        frozen, lora = rows.get("frozen"), rows.get("lora")
+        for method, r in rows.items():
+            ratio = lambda key, ref: f"{r[key] / ref[key]:.2f}" if ref else "–"  # noqa: E731
+            adapter = f"{r['adapter_bytes'] / 1024:.0f}" if r["adapter_bytes"] else "–"
+            lines.append(f"| {method} | {r['trainable']:,} | {r['step_s'] * 1e3:.1f} | {ratio('step_s', frozen)} | "
+                         f"{ratio('step_s', lora)} | {r['peak_bytes'] / 2**20:.0f} | {ratio('peak_bytes', lora)} | "
+                         f"{adapter} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(results["settings"])
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        rows = results["settings"][setting]
+        floor = rows.get("frozen", {}).get("step_s")
+        names = list(rows)
+        values = [rows[m]["step_s"] / floor if floor else rows[m]["step_s"] for m in names]
+        ax.bar(names, values, color=["tab:red" if m == "randmask" else "tab:gray" for m in names])
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_title(f"{setting}: step time / frozen floor")
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"{results['machine']}, {results['shape']} {results['dtype']}, "
+                 f"batch {results['batch']}x{results['seq']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

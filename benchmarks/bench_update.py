@@ -1,0 +1,201 @@
+"""The sparse update step: one optimizer step on the n trainable values of one weight, plus the merged weight write.
+
+    python benchmarks/bench_update.py                               # CPU, fp32, 4096x14336, n = 1e3 .. 1e7
+    python benchmarks/bench_update.py --device cuda                 # GPU: fp32 and bf16 weights
+    python benchmarks/bench_update.py --ns 1e5,1e6 --dtypes bfloat16
+
+Methods (all do the same math: AdamW with decoupled weight decay on the fp32 delta, then
+weight[r_k, c_k] = weight dtype(fp32(base_k) + delta_k) for the n masked positions):
+  MaskedAdamW          randmask.optim.MaskedAdamW.step(): on CUDA one fused Triton pass (AdamW + the weight write,
+                       positions computed from the hash, no index tensors); on CPU the torch twin (torch's single-tensor
+                       AdamW ops, then an index_put with the layer's cached positions).
+  AdamW(fused)+index   torch.optim.AdamW(fused=True) on the deltas, then weight.index_put_((rows, cols), merged) with
+                       cached int64 positions: what one would write without the fused kernel.
+  AdamW(foreach)+index torch.optim.AdamW(foreach=True), then the same index_put_.
+  AdamW(fused)+sync    torch.optim.AdamW(fused=True) on a MaskedLinear's delta; randmask's optimizer step hook then
+                       syncs the layer (randmask.functional.sparse_update: Triton / native kernel with positions
+                       inline, or the torch twin), which is what a randmask user gets with a stock optimizer.
+The index_put methods' cached positions cost 16 bytes per value of extra memory; the fused Triton kernel needs none.
+
+One weight of --shape (default 4096x14336, Llama-3-8B's down_proj), grad fixed, lr 1e-3, weight decay 0.01.
+Timing: methods are interleaved round by round (so a load spike on a shared machine hits all of them), median of
+--repeats rounds (at least 30 when a step is under 5 ms), after --warmup steps; CUDA is synchronized around each step.
+Writes benchmarks/results/update_<device>[_<tag>].{md,json,png} and prints the table.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import fmt_ms, load_average, machine_name, markdown_table, synchronize, write_results  # noqa: E402
+
+METHODS = ["MaskedAdamW", "AdamW(fused)+index", "AdamW(foreach)+index", "AdamW(fused)+sync"]
+HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+FAST_STEP_S = 0.005
+FAST_ROUNDS = 30
+
+
+def build_steps(weight, n, device):
+    """method name -> a zero-argument callable doing one step, for a MaskedLinear with n values over `weight`."""
+    import torch
+    import torch.nn as nn
+
+    from randmask import MaskedLinear
+    from randmask.optim import MaskedAdamW
+
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    generator = torch.Generator(device=device).manual_seed(n)
+    grad = torch.randn(n, device=device, generator=generator) * 1e-3
+    steps, keep = {}, []
+
+    # ours: the fused step
+    layer = MaskedLinear.from_linear(linear, n=n, name="model.layers.0.mlp.down_proj")
+    layer.delta.grad = grad.clone()
+    opt = MaskedAdamW([layer.delta], **HYPER)
+    steps["MaskedAdamW"] = opt.step
+    keep += [layer, opt]
+
+    # a stock AdamW on a plain delta, then index_put_ with cached positions
+    rows, cols = layer.mask.positions(weight.device)
+    base = layer.base
+    for name, flags in (("AdamW(fused)+index", {"fused": True}), ("AdamW(foreach)+index", {"foreach": True})):
+        delta = nn.Parameter(torch.zeros(n, device=device))
+        delta.grad = grad.clone()
+        stock = torch.optim.AdamW([delta], **HYPER, **flags)
+
+        def step(stock=stock, delta=delta):
+            stock.step()
+            with torch.no_grad():
+                weight.index_put_((rows, cols), (base.float() + delta).to(weight.dtype))
+
+        steps[name] = step
+        keep += [delta, stock]
+
+    # a stock fused AdamW on a MaskedLinear's delta: randmask's step hook syncs the layer
+    hooked = MaskedLinear.from_linear(linear, n=n, name="model.layers.0.mlp.down_proj")
+    hooked.delta.grad = grad.clone()
+    fused = torch.optim.AdamW([hooked.delta], **HYPER, fused=True)
+    steps["AdamW(fused)+sync"] = fused.step
+    keep += [hooked, fused]
+    return steps, keep
+
+
+def time_interleaved(steps, device, warmup, repeats):
+    """Median seconds per step of each method, methods interleaved (rotating order) round by round."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    times = {name: [] for name in names}
+    rounds, r = repeats, 0
+    while r < rounds:
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            synchronize(device)
+            start = time.perf_counter()
+            steps[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+        r += 1
+        if r == 3 and max(statistics.median(t) for t in times.values()) < FAST_STEP_S:
+            rounds = max(rounds, FAST_ROUNDS)
+    return {name: statistics.median(t) for name, t in times.items()}, times
+
+
+def markdown(data) -> str:
+    methods = data["methods"]
+    lines = [f"Machine: {data['machine']}; load average {data['load_before']} before, {data['load_after']} after.",
+             f"One {data['shape'][0]}x{data['shape'][1]} weight; ms per step (median); MaskedAdamW runs "
+             f"{data['masked_adamw_path']}; sync backend {data['sync_backend']}.", ""]
+    headers = ["dtype", "n", *methods, "MaskedAdamW / AdamW(fused)+index", "MaskedAdamW / AdamW(foreach)+index"]
+    rows = []
+    for row in data["rows"]:
+        t = row["time_s"]
+        rows.append([row["dtype"], f"{row['n']:,}", *(fmt_ms(t.get(m)) for m in methods),
+                     f"{t['MaskedAdamW'] / t['AdamW(fused)+index']:.2f}",
+                     f"{t['MaskedAdamW'] / t['AdamW(foreach)+index']:.2f}"])
+    return "\n".join(lines + [markdown_table(headers, rows)])
+
+
+def plot(data, path):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = dict(zip(data["methods"], ["tab:red", "tab:blue", "tab:green", "tab:purple"]))
+    dtypes = sorted({row["dtype"] for row in data["rows"]})
+    for dtype, style in zip(dtypes, ["-", "--"]):
+        rows = [row for row in data["rows"] if row["dtype"] == dtype]
+        ns = [row["n"] for row in rows]
+        for m in data["methods"]:
+            axes[0].plot(ns, [row["time_s"][m] * 1e3 for row in rows], style, marker="o", color=colors[m],
+                         label=f"{m} {dtype}")
+        for ref, color in (("AdamW(fused)+index", "tab:blue"), ("AdamW(foreach)+index", "tab:green")):
+            axes[1].plot(ns, [row["time_s"]["MaskedAdamW"] / row["time_s"][ref] for row in rows], style,
+                         marker="o", color=color, label=f"MaskedAdamW / {ref} {dtype}")
+    axes[0].set_ylabel("ms per step")
+    axes[0].set_yscale("log")
+    axes[1].axhline(1.0, color="black", linewidth=0.8)
+    axes[1].set_ylabel("time ratio (< 1: MaskedAdamW faster)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("n (trainable values)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"sparse update step, {data['shape'][0]}x{data['shape'][1]}, {data['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: MaskedAdamW runs its Triton kernel)")
+    parser.add_argument("--shape", default="4096x14336", help="OUTxIN of the weight")
+    parser.add_argument("--ns", default="1e3,1e4,1e5,1e6,1e7", help="comma-separated trainable counts")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma-separated weight dtypes (default: float32 on cpu, float32,bfloat16 on cuda)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each method first")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (one step of each method per round)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (and the native kernels'); 0: torch's default. On a shared machine "
+                             "--threads 1 avoids OpenMP barriers stalling on a descheduled thread")
+    parser.add_argument("--tag", default="", help="suffix of the results' file names (update_<device>_<tag>.*)")
+    args = parser.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from randmask.backend import kernel_backend, use_triton
+
+    device = torch.device(args.device)
+    dtypes = (args.dtypes or ("float32,bfloat16" if device.type == "cuda" else "float32")).split(",")
+    shape = tuple(int(v) for v in args.shape.lower().split("x"))
+    data = {"machine": machine_name(device), "device": device.type, "shape": shape, "load_before": load_average(),
+            "masked_adamw_path": ("the fused Triton kernel" if use_triton(device) else
+                                  "the torch twin (AdamW ops + index_put, cached positions)"),
+            "sync_backend": kernel_backend(device), "hyper": HYPER, "methods": METHODS, "rows": []}
+    print(data["machine"], f"(load {data['load_before']})", flush=True)
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        weight = torch.randn(shape, device=device, generator=torch.Generator(device=device).manual_seed(0)).to(dtype)
+        for n in (int(float(v)) for v in args.ns.split(",")):
+            steps, keep = build_steps(weight, n, device)
+            medians, times = time_interleaved(steps, device, args.warmup, args.repeats)
+            data["rows"].append({"dtype": dtype_name, "n": n, "time_s": medians, "times": times})
+            print(f"  {dtype_name:8s} n {n:>10,} " + "  ".join(f"{m} {medians[m] * 1e3:.3f} ms" for m in METHODS),
+                  flush=True)
+            del steps, keep
+    data["load_after"] = load_average()
+    text = markdown(data)
+    path = write_results(f"update_{device.type}" + (f"_{args.tag}" if args.tag else ""), data, text, plot)
+    print()
+    print(text)
+    print(f"wrote {path}.{{md,json,png}}")
+
+
+if __name__ == "__main__":
+    main()
