@@ -3,6 +3,11 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      results in OUT_DIR (default: $OUT, else benchmarks/results/gpu)
 #
+# Budget (each step under `timeout`): triton 90 s, benchmarks 230 s, cuda-backend build ~40 s + 120 s: < 8 min.
+#
+# Section "triton": every Triton kernel vs its torch twin in fp32 / fp16 / bf16 (benchmarks/check_triton_gpu.py).
+# Section "benchmarks": bench_masked_grad (4096-wide bf16, 8192 tokens), bench_positions, bench_update and the
+# 1B-shaped bf16 end-to-end run of bench_e2e (frozen floor, randmask, LoRA, SHiRA, full), tables copied to OUT_DIR.
 # Section "cuda-backend" (issue 6): builds the CUDA C++ backend (kernels/csrc/native_cuda.cu, RANDMASK_BACKEND=cuda)
 # with CMake, then on the GPU
 #   1. correctness: masked gradient vs the torch gather twin (fp32 / fp16 / bf16, 1xN, Nx1, primes, n = 0, n = N,
@@ -29,6 +34,34 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
                  'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())" || { echo "no torch"; exit 1; }
 
+# The device has no network: install randmask itself only (its dependencies are in the image), without building the
+# native libraries here (the cuda-backend section builds them with CMake).
+RANDMASK_NATIVE=0 RANDMASK_CUDA=0 $PY -m pip install --quiet --no-deps --no-build-isolation -e . ||
+  { echo "pip install -e . failed"; exit 1; }
+
+# ------------------------------------------------------------------------------------------------ triton
+# Every Triton kernel against its torch twin on the GPU, fp32 / fp16 / bf16 (benchmarks/check_triton_gpu.py).
+echo
+echo "== section triton: kernels vs torch twins"
+timeout 90 $PY benchmarks/check_triton_gpu.py
+echo "triton check exit status $?"
+
+# ------------------------------------------------------------------------------------------------ benchmarks
+# The microbenchmarks and the 1B-shaped end-to-end comparison (issue 5); their tables land in OUT_DIR too.
+echo
+echo "== section benchmarks"
+timeout 60 $PY benchmarks/bench_masked_grad.py --device cuda --dtype bfloat16 --shapes 4096x4096,4096x14336 \
+  --tokens 8192 --densities 1e-5,1e-4,1e-3,1e-2,1e-1 --repeats 10
+echo "masked-grad exit status $?"
+timeout 40 $PY benchmarks/bench_positions.py --device cuda --repeats 5
+echo "positions exit status $?"
+timeout 30 $PY benchmarks/bench_update.py --device cuda
+echo "update exit status $?"
+timeout 100 $PY benchmarks/bench_e2e.py --device cuda --shape 1b --dtype bfloat16 --steps 5 --warmup 2 \
+  --methods frozen,randmask,lora,shira,full
+echo "e2e exit status $?"
+cp benchmarks/results/*cuda* "$OUT_DIR"/ 2> /dev/null
+
 # ------------------------------------------------------------------------------------------------ cuda-backend
 echo
 echo "== section cuda-backend: build"
@@ -49,13 +82,14 @@ elif [ -f kernels/_randmask_cuda.so ]; then
   echo "using the prebuilt kernels/_randmask_cuda.so (no nvcc here, or its build failed)"
 else
   echo "SKIP cuda-backend: no nvcc and no prebuilt kernels/_randmask_cuda.so"
+  echo "== gpu_check done in $(( $(date +%s) - START )) s; log: $LOG"
   exit 0
 fi
 export CUDA_BACKEND_JSON="$OUT_DIR/cuda_backend.json"
 
 echo
 echo "== section cuda-backend: correctness"
-timeout 200 $PY - << 'PYEOF'
+timeout 50 $PY - << 'PYEOF'
 import math, os, torch
 from randmask import MaskedLinear, mask_positions
 from randmask.kernels import native, masked_grad as mg, sparse_update as su, masked_adamw as ma
@@ -159,7 +193,7 @@ echo "correctness exit status $?"
 
 echo
 echo "== section cuda-backend: timing (ms, median of 20)"
-timeout 360 $PY - << 'PYEOF'
+timeout 70 $PY - << 'PYEOF'
 import json, os, statistics, time, torch
 from randmask import mask_positions
 from randmask.kernels import native, masked_grad as mg, sparse_update as su, masked_adamw as ma

@@ -13,9 +13,10 @@ import torch
 
 # Bound on the torch twins' temporaries, whatever the layer and token count.
 TEMP_BYTES = 64 << 20
-# CPU crossover: the dense twin wins above this density. Measured with benchmarks/bench_masked_grad.py on the 2-core
-# CI machine, 512 fp32 tokens: between 1e-3 and 3e-3 for 1536x576, ~1e-3 for 576x576 (both variants scale with T).
-DENSE_DENSITY_CPU = 0.002
+# CPU crossover between the two torch twins (used only when the native kernels are not built): the dense twin wins
+# above this density. Measured with benchmarks/bench_masked_grad.py on the 2-core CI machine, 512 tokens, fp32 and
+# bf16, SmolLM2-135M shapes: 0.003 (576x576), 0.01 (1536x576, 576x1536), 0.023 (192x576).
+DENSE_DENSITY_CPU = 0.01
 
 
 def _token_chunk(width: int) -> int:

@@ -22,6 +22,7 @@ from torch.autograd.graph import increment_version
 from torch.optim import Optimizer
 
 from randmask.backend import kernel_backend
+from randmask.functional import sparse_update
 from randmask.kernels import masked_adamw as masked_adamw_op
 from randmask.kernels import native as native_op
 from randmask.layer import layer_of
@@ -140,6 +141,9 @@ class MaskedAdamW(Optimizer):
             # The kernel writes through pointers; bump the version counters as the in-place torch ops of the CPU
             # path do, so autograd still catches a graph that saved the old weight being backpropagated later.
             increment_version((delta, weight, state["exp_avg"], state["exp_avg_sq"]))
+        elif backend == "native":  # the AdamW math of the twin, then the native sparse write (bit-identical)
+            masked_adamw_op.adamw_torch(delta, grad, state["exp_avg"], state["exp_avg_sq"], step=step, **hyper)
+            sparse_update(weight, layer.base, delta, layer.mask)
         else:
             masked_adamw_op.masked_adamw_torch(*args, step=step, positions=layer.mask.positions(weight.device),
                                                **hyper)

@@ -224,8 +224,11 @@ assert torch.equal(others[0], others[1]), "deltas differ across ranks"
 assert torch.equal(all_weights[0], all_weights[1]), "merged weights differ across ranks"
 assert deltas.abs().sum() > 0
 assert sum(reduced) == 3 * n_total, (reduced, n_total)   # only the n trainable values per layer travel
-print("rank", rank, "ok", n_total, sum(reduced) // 3)
+print("rank", rank, "ok", n_total, sum(reduced) // 3, flush=True)
 dist.destroy_process_group()
+# Every check is done. Skip the interpreter's teardown: under load, gloo's worker threads sometimes abort it with
+# "terminate called without an active exception" (seen 2 in ~10 full-suite runs, never with the checks failing).
+os._exit(0)
 """
 
 
