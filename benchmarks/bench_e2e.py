@@ -13,13 +13,15 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_name, synchronize  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 SHAPES = {  # LlamaConfig arguments
@@ -114,7 +116,6 @@ def run_method(args):
     opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
     gen = torch.Generator().manual_seed(1)
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=gen).to(args.device)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     def step():
         loss = model(input_ids=batch, labels=batch).loss
@@ -130,10 +131,10 @@ def run_method(args):
         step()
     times = []
     for _ in range(args.steps):
-        sync()
+        synchronize(args.device)
         start = time.perf_counter()
         step()
-        sync()
+        synchronize(args.device)
         times.append(time.perf_counter() - start)
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated()
@@ -151,14 +152,6 @@ def run_method(args):
     print(json.dumps({"method": args.method, "step_s": statistics.median(times), "peak_bytes": peak,
                       "rss_growth_bytes": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024,
                       "trainable": sum(p.numel() for p in trainable), "adapter_bytes": adapter_bytes}))
-
-
-def machine_name(device):
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def main():

@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from randmask.addressing import MASK_SCHEME, MatrixMask, layer_key
 from randmask.functional import gather_weight, sparse_update
-from randmask.layer import MaskedLinear, _is_conv1d
+from randmask.layer import MaskedLinear, is_conv1d
 from randmask.model import RandMaskConfig, apply, masked_layers, plan
 
 __all__ = ["AdapterError", "FORMAT", "FORMAT_VERSION", "save_adapter", "load_adapter", "read_adapter_header",
@@ -224,7 +224,7 @@ def _plan_for(model: nn.Module, config: RandMaskConfig) -> list[tuple[str, tuple
         planned = plan(model, config)
     except ValueError as exc:
         raise AdapterError(f"the adapter's config does not fit this model: {exc}") from None
-    return [(name, shape, n, _is_conv1d(model.get_submodule(name))) for name, shape, n in planned]
+    return [(name, shape, n, is_conv1d(model.get_submodule(name))) for name, shape, n in planned]
 
 
 def _compare_layers(planned, entries, config: RandMaskConfig, path: str) -> None:
@@ -281,7 +281,7 @@ def _model_base(model: nn.Module, name: str, shape, n: int, key: int) -> torch.T
         return module.base
     weight = module.weight.detach()
     with torch.no_grad():
-        return gather_weight(weight.t() if _is_conv1d(module) else weight, MatrixMask(tuple(shape), n, key))
+        return gather_weight(weight.t() if is_conv1d(module) else weight, MatrixMask(tuple(shape), n, key))
 
 
 def _check_base(model: nn.Module, entries, header: dict, path: str) -> None:

@@ -15,26 +15,20 @@ def demo(args) -> None:
     from tqdm import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from randmask import MaskedLinear
+    import randmask
 
     torch.manual_seed(args.seed)
     config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(config)
-    model.requires_grad_(False)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     total = sum(p.numel() for p in before.values())
-    masked = {}
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if child_name in args.targets and isinstance(child, torch.nn.Linear):
-                full = f"{name}.{child_name}"
-                masked[full] = MaskedLinear.from_linear(child, density=args.density, seed=args.seed, name=full)
-                setattr(module, child_name, masked[full])
+    randmask.apply(model, randmask.RandMaskConfig(density=args.density, target_modules=args.targets, seed=args.seed))
+    masked = dict(randmask.masked_layers(model))
     deltas = [layer.delta for layer in masked.values()]
     trainable = sum(d.numel() for d in deltas)
-    print(f"model: {total:,} parameters; masked {len(masked)} layers ({', '.join(args.targets)}) at density {args.density}: "
-          f"{trainable:,} trainable ({100 * trainable / total:.3f}% of the model)")
+    print(f"model: {total:,} parameters; masked {len(masked)} layers ({', '.join(args.targets)}) at density "
+          f"{args.density}: {trainable:,} trainable ({100 * trainable / total:.3f}% of the model)")
 
     # Toy task: continue an arithmetic sequence mod 64 (the next token is the last plus the step).
     def batch():

@@ -14,7 +14,7 @@ from randmask.functional import gather_weight, masked_linear, sparse_update
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2), recognised without importing transformers."""
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and \
         module.weight.dim() == 2 and hasattr(module, "nf")
@@ -89,7 +89,7 @@ class MaskedLinear(nn.Module):
         For a Conv1D the mask addresses the logical (out, in) matrix, a transposed view of its weight."""
         if isinstance(linear, nn.Linear):
             weight, transposed = linear.weight, False
-        elif _is_conv1d(linear):
+        elif is_conv1d(linear):
             weight, transposed = linear.weight.detach().t(), True
         else:
             raise TypeError(f"from_linear takes an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")

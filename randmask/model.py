@@ -5,7 +5,7 @@ from typing import Iterator
 
 import torch.nn as nn
 
-from randmask.layer import MaskedLinear, _is_conv1d
+from randmask.layer import MaskedLinear, is_conv1d
 
 ALL_LINEAR = "all-linear"
 
@@ -55,7 +55,7 @@ class RandMaskConfig:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def _matches(name: str, targets) -> bool:
@@ -104,7 +104,7 @@ def plan(model: nn.Module, config: RandMaskConfig) -> list[tuple[str, tuple[int,
         raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer; the model's linear "
                          f"layers include {linear[:6]}")
     total_params = sum(p.numel() for p in model.parameters())
-    shapes = [tuple(m.weight.t().shape) if _is_conv1d(m) else tuple(m.weight.shape) for _, m in targets]
+    shapes = [tuple(m.weight.t().shape) if is_conv1d(m) else tuple(m.weight.shape) for _, m in targets]
     return [(name, shape, n) for (name, _), shape, n in zip(targets, shapes, _counts(targets, total_params, config))]
 
 

@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 import randmask
