@@ -80,8 +80,8 @@ class NaiveMasked:
                                                                                  layer_key(0, name)))
 
 
-def run_method(args):
-    """One method in this process: prints a JSON line with its measurements."""
+def prepare(args):
+    """(model, step, trainable parameters) for args.method / args.setting, on a fresh model."""
     import torch
 
     model = build_model(args)
@@ -90,7 +90,6 @@ def run_method(args):
     linear = {name: m for name, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets}
     lora_count = sum(8 * (m.in_features + m.out_features) for m in linear.values())
-    adapter_bytes = None
     if args.method == "frozen":
         model.enable_input_require_grads()  # the backward through every layer still runs
     elif args.method == "full":
@@ -124,6 +123,15 @@ def run_method(args):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    return model, step, trainable
+
+
+def run_method(args):
+    """One method in this process: prints a JSON line with its measurements."""
+    import torch
+
+    model, step, trainable = prepare(args)
+    adapter_bytes = None
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -192,10 +200,11 @@ def main():
                 print(f"{setting:10s} {method:9s} round {round_}: {row['step_s'] * 1e3:9.1f} ms "
                       f"{row['peak_bytes'] / 2**20:9.1f} MiB  trainable {row['trainable']:,}", flush=True)
         results["settings"][setting] = rows
-    stem = RESULTS / f"e2e_{args.device}_{args.shape}_{args.dtype}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    stem.with_suffix(".md").write_text(markdown(results))
-    plot(results, stem.with_suffix(".png"))
+        # written after every setting, so a run cut short (a GPU lease's time limit) keeps what it measured
+        stem = RESULTS / f"e2e_{args.device}_{args.shape}_{args.dtype}"
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        stem.with_suffix(".md").write_text(markdown(results))
+        plot(results, stem.with_suffix(".png"))
     print(markdown(results))
 
 

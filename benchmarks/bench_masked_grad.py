@@ -7,14 +7,22 @@
 Columns (ms per call; "–" where an implementation is not available):
   CPU   torch-gather, torch-dense (the torch twins, kernels/masked_grad.py), native (the C++ gather,
         kernels/native.py), dispatch (randmask.functional.masked_grad as training calls it: the default backend)
-  CUDA  triton-gather, triton-dense, cuda (the CUDA C++ gather), torch-dense (cuBLAS twin), dispatch
+  CUDA  triton-gather, triton-dense, cuda (the CUDA C++ gather), torch-dense (cuBLAS twin), dispatch;
+        triton-gather-T: token-major copies of x and grad_y (x.t().contiguous().t(), in their dtype), then the gather
+        kernel, whose loads along tokens are then contiguous per slot (a candidate: measured, not dispatched)
+  both  torch-dense is also what SHiRA and SpIEL do (dense grad_y^T x, then gather). The official Random Masking
+        code's way: transposed fp32 copies of x and grad_y made in every backward, then either a per-entry gather
+        (official-gather) or torch.sparse.sampled_addmm over the stored CSR mask (official-sampled; the CSR indices
+        are built once outside the timing, as the official code stores them, and the result is put back in slot
+        order inside it).
 Per shape it reports where the dense variant first beats each gather: the crossovers DENSE_DENSITY_CPU
 (kernels/masked_grad.py), DENSE_DENSITY_NATIVE / DENSE_DENSITY_CUDA (kernels/native.py) and DENSE_DENSITY_GPU
 (kernels/masked_grad.py) should sit near them. The default shapes are SmolLM2-135M's linear layers (q/o 576x576,
 k/v 192x576, gate/up 1536x576, down 576x1536) with 512 tokens (4 x 128).
 
 Timing: the variants are interleaved round by round (a load spike on a shared machine hits all of them), then the
-median (or --stat min) of --repeats rounds; CUDA is synchronized around each call. Writes
+median (or --stat min) of --repeats rounds; CUDA is synchronized around each call; a call under 20 ms is repeated
+untimed just before its timed call (warm caches, as in training where x and grad_y were just touched). Writes
 benchmarks/results/masked_grad_<device>_<dtype>[_<threads>t].{md,json,png} (--no-save: print only).
 """
 import argparse
@@ -22,6 +30,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 
@@ -38,17 +47,51 @@ from randmask.kernels import native  # noqa: E402
 SHAPES = "576x576,192x576,1536x576,576x1536"
 DENSITIES = "1e-4,1e-3,3e-3,1e-2,2.3e-2,5e-2,1e-1,2e-1,3e-1"
 GATHERS = ("torch-gather", "native", "triton-gather", "cuda")
+warnings.filterwarnings("ignore", message="Sparse")  # sampled_addmm: CSR is beta, invariant checks off
+# Calls under this long get an untimed call just before the timed one: otherwise a variant measured right after one
+# with big temporaries (official-*, torch-dense) starts from caches holding those, which measured up to 2x slower.
+WARM_BELOW_S = 0.02
+CHUNK_BYTES = 256 * 2**20  # official-gather's temporaries per chunk of entries
+
+
+def official_gather(x, grad_y, rows, cols):
+    """The official code's SDDMM as plain torch: fp32 transposed copies, then one dot per entry (chunked)."""
+    xt, gyt = x.t().float().contiguous(), grad_y.t().float().contiguous()
+    g = torch.empty(rows.numel(), device=x.device)
+    step = max(1, CHUNK_BYTES // (4 * max(1, x.shape[0])))
+    for s in range(0, rows.numel(), step):
+        g[s:s + step] = (gyt[rows[s:s + step]] * xt[cols[s:s + step]]).sum(1)
+    return g
+
+
+def official_sampled(x, grad_y, shape, rows, cols):
+    """The official code's SDDMM through torch.sparse.sampled_addmm; returns a callable (CSR built here, once)."""
+    flat = rows * shape[1] + cols
+    sorted_flat, order = flat.sort()
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=x.device)
+    crow[1:] = torch.bincount(sorted_flat // shape[1], minlength=shape[0]).cumsum(0)
+    mask = torch.sparse_csr_tensor(crow, sorted_flat % shape[1], torch.ones(flat.numel(), device=x.device), shape)
+
+    def run():
+        xt, gyt = x.t().float().contiguous(), grad_y.t().float().contiguous()
+        values = torch.sparse.sampled_addmm(mask, gyt, xt.t(), beta=0.0).values()
+        return torch.empty_like(values).index_copy_(0, order, values)  # back to slot order
+
+    return run
 
 
 def variants(device, x, grad_y, shape, n, key):
     """name -> zero-argument callable, for the implementations available here."""
     mask = MatrixMask(shape, n, key)
     rows, cols = mask_positions(shape, n, key, device)
-    found = {}
+    found = {"dispatch": lambda: dispatch_masked_grad(x, grad_y, mask)}  # first in each round: no ordering favour
     if device.type == "cuda":
         if HAS_TRITON:
             found["triton-gather"] = lambda: op.masked_grad_gather_triton(x, grad_y, n, key)
             found["triton-dense"] = lambda: op.masked_grad_dense_triton(x, grad_y, n, key)
+            # candidate, not dispatched yet: token-major copies (input dtype) make each slot's loads contiguous
+            found["triton-gather-T"] = lambda: op.masked_grad_gather_triton(x.t().contiguous().t(),
+                                                                            grad_y.t().contiguous().t(), n, key)
         if native.has_cuda_native():
             found["cuda"] = lambda: native.masked_grad_cuda(x, grad_y, n, key)
     else:
@@ -56,7 +99,9 @@ def variants(device, x, grad_y, shape, n, key):
         if native.HAS_NATIVE:
             found["native"] = lambda: native.masked_grad_native(x, grad_y, n, key)
     found["torch-dense"] = lambda: op.masked_grad_dense_torch(x, grad_y, rows, cols)
-    found["dispatch"] = lambda: dispatch_masked_grad(x, grad_y, mask)
+    found["official-gather"] = lambda: official_gather(x, grad_y, rows, cols)
+    if n:
+        found["official-sampled"] = official_sampled(x, grad_y, shape, rows, cols)
     return found
 
 
@@ -67,6 +112,8 @@ def interleaved_ms(found, device, repeats, stat):
     times = {name: [] for name in found}
     for _ in range(repeats):
         for name, fn in found.items():
+            if not times[name] or times[name][-1] < WARM_BELOW_S:
+                fn()  # untimed: caches warm with this variant's operands, not with the previous variant's temporaries
             synchronize(device)
             start = time.perf_counter()
             fn()
@@ -137,14 +184,16 @@ def main():
             for gather in (g for g in GATHERS if g in ms):
                 if ms[dense] < ms[gather] and gather not in crossovers:
                     crossovers[gather] = density
-            rows.append({"density": density, "n": n, "ms": ms})
-            print(f"{shape_text:>9} {density:8.1e} {n:8d}  " + "  ".join(f"{k}={v:.3f}" for k, v in ms.items()),
-                  flush=True)
+            ours = [ms[k] for k in (*GATHERS, "torch-dense", "triton-dense") if k in ms]
+            ratio = ms["dispatch"] / min(ours)  # the dispatcher against the better of our variants
+            rows.append({"density": density, "n": n, "ms": ms, "dispatch_over_best": ratio})
+            print(f"{shape_text:>9} {density:8.1e} {n:8d}  " + "  ".join(f"{k}={v:.3f}" for k, v in ms.items())
+                  + f"  dispatch/best={ratio:.2f}", flush=True)
         names = [v for v in data["variants"] if any(v in row["ms"] for row in rows)]
         markdown += [f"\n## {shape_text}\n", markdown_table(
-            ["density", "n", *names],
-            [[f"{row['density']:.1e}", row["n"], *(f"{row['ms'][v]:.3f}" if v in row["ms"] else "–" for v in names)]
-             for row in rows])]
+            ["density", "n", *names, "dispatch / best"],
+            [[f"{row['density']:.1e}", row["n"], *(f"{row['ms'][v]:.3f}" if v in row["ms"] else "–" for v in names),
+              f"{row['dispatch_over_best']:.2f}"] for row in rows])]
         notes = []
         for gather in (g for g in GATHERS if g in names):
             if gather in crossovers:
@@ -155,12 +204,18 @@ def main():
         markdown.append("\n" + "; ".join(notes) + ".")
         data["shapes"][shape_text] = rows
         data["crossovers"][shape_text] = crossovers
+    worst = max(row["dispatch_over_best"] for rows in data["shapes"].values() for row in rows)
+    data["worst_dispatch_over_best"] = worst
+    markdown.append(f"\nDispatcher against the better of our variants, worst case: {worst:.2f}x "
+                    f"(dispatch / best; target <= 1.10).")
+    print(f"worst dispatch / best: {worst:.2f}")
     data["load_average"] = [load_before, load_average()]
     markdown.append(f"\n1-minute load average before / after: {load_before} / {load_average()}")
     print(f"load average before / after: {load_before} / {load_average()}")
     if not args.no_save:
         threads = f"_{args.threads}t" if args.threads else ""
-        path = write_results(f"masked_grad_{device.type}_{args.dtype}{threads}", data, "\n".join(markdown), plot)
+        tokens = f"_T{args.tokens}" if args.tokens != 512 else ""
+        path = write_results(f"masked_grad_{device.type}_{args.dtype}{tokens}{threads}", data, "\n".join(markdown), plot)
         print(f"wrote {path}.md / .json / .png")
 
 

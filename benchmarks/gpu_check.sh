@@ -3,11 +3,13 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      results in OUT_DIR (default: $OUT, else benchmarks/results/gpu)
 #
-# Budget (each step under `timeout`): triton 90 s, benchmarks 230 s, cuda-backend build ~40 s + 120 s: < 8 min.
+# Budget (each step under `timeout`; measured on an H200, 2026-11-26): start-up + triton + masked-gradient + update
+# + the cuda-backend section ~180 s, positions ~30 s, end to end ~220 s (10 processes): ~7 min.
 #
 # Section "triton": every Triton kernel vs its torch twin in fp32 / fp16 / bf16 (benchmarks/check_triton_gpu.py).
 # Section "benchmarks": bench_masked_grad (4096-wide bf16, 8192 tokens), bench_positions, bench_update and the
-# 1B-shaped bf16 end-to-end run of bench_e2e (frozen floor, randmask, LoRA, SHiRA, full), tables copied to OUT_DIR.
+# 1B-shaped bf16 end-to-end run of bench_e2e (frozen floor, randmask, LoRA, SHiRA, naive, full); the official code's
+# masked-gradient ways are columns of bench_masked_grad. Tables packed into OUT_DIR/results_cuda.tgz.
 # Section "cuda-backend" (issue 6): builds the CUDA C++ backend (kernels/csrc/native_cuda.cu, RANDMASK_BACKEND=cuda)
 # with CMake, then on the GPU
 #   1. correctness: masked gradient vs the torch gather twin (fp32 / fp16 / bf16, 1xN, Nx1, primes, n = 0, n = N,
@@ -18,7 +20,8 @@
 #      torch dense twin (cuBLAS) at SmolLM2-135M shapes (512 tokens) and 4096x4096 (4096 tokens), densities
 #      1e-4 .. 1e-1, fp32 / fp16 / bf16, with the density where the dense twin first beats the CUDA gather (the
 #      value DENSE_DENSITY_CUDA in kernels/native.py should take); the fused AdamW step cuda vs Triton vs torch.
-# Everything is printed and appended to OUT_DIR/gpu_check.txt; the tables also go to OUT_DIR/cuda_backend.json.
+# Everything is printed and appended to OUT_DIR/gpu_check.txt; the tables also go to benchmarks/results/cuda_backend.json
+# (packed with the rest).
 # Each Python step runs under `timeout`, so a hang cannot eat the machine's budget.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,18 +29,25 @@ OUT_DIR="${1:-${OUT:-benchmarks/results/gpu}}"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 LOG="$OUT_DIR/gpu_check.txt"
+# The tables land in benchmarks/results/*cuda*; each section packs them into OUT_DIR/results_cuda.tgz (one file: a
+# lease returns only a few files, and a run cut short keeps what it had packed).
+save_results() { tar czf "$OUT_DIR/results_cuda.tgz" benchmarks/results/*cuda* 2> /dev/null; }
 exec > >(tee -a "$LOG") 2>&1
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"  # the device image's python3 holds torch; there may be no `python`
 START=$(date +%s)
 echo "== gpu_check $(date -u +%FT%TZ) on $(hostname)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
                  'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())" || { echo "no torch"; exit 1; }
+$PY -c "import importlib.metadata as m; print(*(f'{p} {m.version(p)}' for p in
+        ('triton', 'transformers', 'peft', 'safetensors')), sep=', ')" 2>&1
 
-# The device has no network: install randmask itself only (its dependencies are in the image), without building the
-# native libraries here (the cuda-backend section builds them with CMake).
-RANDMASK_NATIVE=0 RANDMASK_CUDA=0 $PY -m pip install --quiet --no-deps --no-build-isolation -e . ||
-  { echo "pip install -e . failed"; exit 1; }
+# The device has no network and pip's editable install wants to fetch setuptools: no install. Lay the package out as
+# setup.py's package_dir does (kernels/ as randmask/kernels, a link in this copy of the tree) and use PYTHONPATH.
+# No native libraries are built here (the cuda-backend section builds them with CMake).
+[ -e randmask/kernels ] || ln -s ../kernels randmask/kernels
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+$PY -c "import randmask, randmask.kernels; print('randmask from', randmask.__file__)" || exit 1
 
 # ------------------------------------------------------------------------------------------------ triton
 # Every Triton kernel against its torch twin on the GPU, fp32 / fp16 / bf16 (benchmarks/check_triton_gpu.py).
@@ -47,25 +57,31 @@ timeout 90 $PY benchmarks/check_triton_gpu.py
 echo "triton check exit status $?"
 
 # ------------------------------------------------------------------------------------------------ benchmarks
-# The microbenchmarks and the 1B-shaped end-to-end comparison (issue 5); their tables land in OUT_DIR too.
+# The microbenchmarks and the 1B-shaped end-to-end comparison (issue 5).
 echo
 echo "== section benchmarks"
-timeout 60 $PY benchmarks/bench_masked_grad.py --device cuda --dtype bfloat16 --shapes 4096x4096,4096x14336 \
-  --tokens 8192 --densities 1e-5,1e-4,1e-3,1e-2,1e-1 --repeats 10
-echo "masked-grad exit status $?"
-timeout 40 $PY benchmarks/bench_positions.py --device cuda --repeats 5
-echo "positions exit status $?"
+timeout 75 $PY benchmarks/bench_masked_grad.py --device cuda --dtype bfloat16 --shapes 4096x4096,4096x14336 \
+  --tokens 8192 --densities 1e-5,1e-4,1e-3,1e-2,3e-2 --repeats 5
+echo "masked-grad (8192 tokens) exit status $?"; save_results
+timeout 30 $PY benchmarks/bench_masked_grad.py --device cuda --dtype bfloat16 --shapes 4096x4096 \
+  --tokens 512 --densities 1e-5,1e-4,1e-3,1e-2,3e-2,1e-1 --repeats 5
+echo "masked-grad (512 tokens) exit status $?"; save_results
+timeout 40 $PY benchmarks/bench_positions.py --device cuda --repeats 5 --skip-model --densities 1e-4 --tag 1e-4
+echo "positions exit status $?"; save_results
 timeout 30 $PY benchmarks/bench_update.py --device cuda
-echo "update exit status $?"
-timeout 100 $PY benchmarks/bench_e2e.py --device cuda --shape 1b --dtype bfloat16 --steps 5 --warmup 2 \
-  --methods frozen,randmask,lora,shira,full
+echo "update exit status $?"; save_results
+# one round: each method is its own process, ~22 s each on an H200 VM (start-up, 1B model); the naive dense-masked
+# model is left to the CPU table (measured once on an H200: all-linear 1.58x the floor, 3.3x the floor's memory)
+echo "($(( $(date +%s) - START )) s so far)"
+timeout 250 $PY benchmarks/bench_e2e.py --device cuda --shape 1b --dtype bfloat16 --steps 10 --warmup 3 \
+  --rounds 1 --methods frozen,randmask,lora,shira,full
 echo "e2e exit status $?"
-cp benchmarks/results/*cuda* "$OUT_DIR"/ 2> /dev/null
+save_results
 
 # ------------------------------------------------------------------------------------------------ cuda-backend
 echo
-echo "== section cuda-backend: build"
-BUILD="$OUT_DIR/build-cuda"
+echo "== section cuda-backend: build ($(( $(date +%s) - START )) s so far)"
+BUILD="${TMPDIR:-/tmp}/randmask-build-cuda"  # outside OUT_DIR: only logs and tables go back
 if command -v nvcc > /dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
   export PATH="$PATH:/usr/local/cuda/bin"
   nvcc --version | tail -1
@@ -85,7 +101,7 @@ else
   echo "== gpu_check done in $(( $(date +%s) - START )) s; log: $LOG"
   exit 0
 fi
-export CUDA_BACKEND_JSON="$OUT_DIR/cuda_backend.json"
+export CUDA_BACKEND_JSON="benchmarks/results/cuda_backend.json"
 
 echo
 echo "== section cuda-backend: correctness"
@@ -216,7 +232,7 @@ results = {"device": torch.cuda.get_device_name(dev), "masked_grad": [], "adamw"
 setups = [((576, 576), 512), ((1536, 576), 512), ((4096, 4096), 4096)]
 densities = [1e-4, 1e-3, 1e-2, 3e-2, 1e-1]
 t_start = time.time()
-for dtype in (torch.float32, torch.float16, torch.bfloat16):
+for dtype in (torch.bfloat16,):  # fp32 / fp16 measured once (2026-11-26, H200): the same crossovers
     for shape, T in setups:
         x = torch.randn(T, shape[1], device=dev).to(dtype)
         gy = torch.randn(T, shape[0], device=dev).to(dtype)
@@ -259,4 +275,5 @@ with open(os.environ["CUDA_BACKEND_JSON"], "w") as f:
 print("wrote", os.environ["CUDA_BACKEND_JSON"])
 PYEOF
 echo "timing exit status $?"
+save_results
 echo "== gpu_check done in $(( $(date +%s) - START )) s; log: $LOG"

@@ -9,6 +9,8 @@ x is (T, in), grad_y is (T, out), both of the layer's dtype; g is fp32 of length
 
 Torch twins (the CPU path and the test oracle) use given positions; they hold at most ~TEMP_BYTES of temporaries.
 """
+import functools
+
 import torch
 
 # Bound on the torch twins' temporaries, whatever the layer and token count.
@@ -89,36 +91,42 @@ try:
 except ImportError:  # triton is optional: masked_grad_torch is the whole CPU path
     triton = None
 
-# GPU crossover: masked_grad_triton uses the dense kernel above this density. PROVISIONAL, not yet measured on a
-# GPU (benchmarks/bench_masked_grad.py must measure it and replace this value). The guess, for a 4096x4096 bf16
-# layer and 4096 tokens on an H100: dense ~0.2 ms of tensor-core GEMM plus ~0.2 ms of hashing in the epilogue
-# (~150 integer ops per entry); gather ~2*n*T scattered 32-byte sectors, ~d * 0.35 s from L2 at density d.
-DENSE_DENSITY_GPU = 0.002
+# GPU crossover, measured on an H200 in bf16 (benchmarks/results/masked_grad_cuda_bfloat16*.md, 4096x4096 and
+# 4096x14336 at 512 and 8192 tokens): the gather kernel costs ~1.3e-11 s per (slot x token); the dense kernel
+# ~out*in*(T + 843) / 9.5e13 s, its tile loop having a floor worth ~840 tokens. So the dense kernel wins above
+# density DENSE_DENSITY_GPU * (1 + DENSE_FLOOR_TOKENS / T): 9e-4 at 8192 tokens, 2.1e-3 at 512 (measured: gather
+# and dense cross between 1e-3 and 3e-3 at 512 tokens, at 1e-3 (4096x4096) and 8e-4 (4096x14336) at 8192).
+DENSE_DENSITY_GPU = 8.1e-4
+DENSE_FLOOR_TOKENS = 843
 GATHER_BLOCK_K, GATHER_BLOCK_T = 128, 32
 DENSE_BLOCK_M, DENSE_BLOCK_N, DENSE_BLOCK_T, DENSE_GROUP_M = 64, 64, 32, 8
 
 if triton is not None:
 
     @triton.jit(do_not_specialize=["k0", "k1"])
-    def masked_grad_gather_kernel(x_ptr, gy_ptr, g_ptr, T, n, in_features, numel, a_radix, b_radix, k0, k1,
-                                  stride_xt, stride_xc, stride_gt, stride_gc,
+    def masked_grad_gather_kernel(x_ptr, gy_ptr, g_ptr, T, tokens_per_split, n, in_features, numel, a_radix, b_radix,
+                                  k0, k1, stride_xt, stride_xc, stride_gt, stride_gc,
                                   BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
-        # g[k] = sum_t grad_y[t, r_k] * x[t, c_k] (fp32) for the BLOCK_K slots k of this program; (r_k, c_k) from
-        # the key; tokens in chunks of BLOCK_T, each a gathered (BLOCK_T, BLOCK_K) tile of grad_y and of x.
-        # Block sizes: BLOCK_K = 128 slots, BLOCK_T = 32 tokens (GATHER_BLOCK_*); grid: cdiv(n, BLOCK_K).
+        # g[s, k] = sum_{t in split s} grad_y[t, r_k] * x[t, c_k] (fp32) for the BLOCK_K slots k of this program;
+        # (r_k, c_k) from the key; the split's tokens in chunks of BLOCK_T, each a gathered (BLOCK_T, BLOCK_K) tile
+        # of grad_y and of x. Split s covers tokens [s * tokens_per_split, (s + 1) * tokens_per_split).
+        # Block sizes: BLOCK_K = 128 slots, BLOCK_T = 32 tokens (GATHER_BLOCK_*); grid: (cdiv(n, BLOCK_K), splits).
         k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+        split = tl.program_id(1)
         live = k < n
         p = slot_to_flat(tl.where(live, k, 0), numel, a_radix, b_radix, k0, k1)
         gy_cols = gy_ptr + (p // in_features)[None, :] * stride_gc
         x_cols = x_ptr + (p % in_features)[None, :] * stride_xc
+        t_begin = split * tokens_per_split
+        t_end = tl.minimum(t_begin + tokens_per_split, T)
         acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
+        for t0 in range(t_begin, t_end, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
-            m = (t < T)[:, None] & live[None, :]
+            m = (t < t_end)[:, None] & live[None, :]
             gy = tl.load(gy_cols + t[:, None] * stride_gt, mask=m, other=0.0).to(tl.float32)
             xv = tl.load(x_cols + t[:, None] * stride_xt, mask=m, other=0.0).to(tl.float32)
             acc += gy * xv
-        tl.store(g_ptr + k, tl.sum(acc, axis=0), mask=live)
+        tl.store(g_ptr + split.to(tl.int64) * n + k, tl.sum(acc, axis=0), mask=live)
 
     @triton.jit(do_not_specialize=["k0", "k1"])
     def masked_grad_dense_kernel(x_ptr, gy_ptr, g_ptr, T, n, out_features, in_features, numel, a_radix, b_radix,
@@ -154,6 +162,26 @@ if triton is not None:
         tl.store(g_ptr + slot, acc, mask=inside & (slot < n))
 
 
+GATHER_PROGRAMS_PER_SM = 4  # the gather kernel splits the tokens until it has this many programs per multiprocessor
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    # On the CPU (the Triton interpreter, tests only) a nominal 2, so that small tests take the split path too.
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+def _tokens_per_split(blocks: int, T: int, device: torch.device) -> int:
+    """Tokens per program of the gather kernel (a multiple of its BLOCK_T). Each program walks its tokens serially,
+    so a few slot blocks over many tokens would leave most multiprocessors idle (measured on an H200: 1678 slots x
+    8192 tokens took 1.14 ms in 14 programs); splitting the tokens fills the chip, and the (splits, n) partial sums
+    are added in a fixed order afterwards. Splits stay >= 4 chunks of BLOCK_T deep so the partials stay small."""
+    chunks = triton.cdiv(T, GATHER_BLOCK_T)
+    wanted = triton.cdiv(GATHER_PROGRAMS_PER_SM * _multiprocessors(device), max(blocks, 1))
+    splits = max(1, min(wanted, chunks // 4))
+    return triton.cdiv(chunks, splits) * GATHER_BLOCK_T
+
+
 def _launch_masked_grad(x, grad_y, n, key, dense: bool):
     if x.dim() != 2 or grad_y.dim() != 2 or x.shape[0] != grad_y.shape[0]:
         raise ValueError(f"x (T, in) and grad_y (T, out) must share T, got {tuple(x.shape)}, {tuple(grad_y.shape)}")
@@ -164,9 +192,13 @@ def _launch_masked_grad(x, grad_y, n, key, dense: bool):
     g = torch.empty(n, dtype=torch.float32, device=x.device)
     args = (x, grad_y, g, T, n)
     if not dense:
-        grid = (triton.cdiv(n, GATHER_BLOCK_K),)
-        masked_grad_gather_kernel[grid](*args, in_features, *common, BLOCK_K=GATHER_BLOCK_K, BLOCK_T=GATHER_BLOCK_T)
-        return g
+        blocks = triton.cdiv(n, GATHER_BLOCK_K)
+        tokens_per_split = _tokens_per_split(blocks, T, x.device)
+        splits = triton.cdiv(T, tokens_per_split)
+        partial = g if splits == 1 else torch.empty(splits, n, dtype=torch.float32, device=x.device)
+        masked_grad_gather_kernel[(blocks, splits)](x, grad_y, partial, T, tokens_per_split, n, in_features, *common,
+                                                    BLOCK_K=GATHER_BLOCK_K, BLOCK_T=GATHER_BLOCK_T)
+        return g if splits == 1 else torch.sum(partial, 0, out=g)  # a fixed order: deterministic, unlike atomics
     half = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
     dot_dtype = half.get(x.dtype, tl.float32) if x.is_cuda and x.dtype == grad_y.dtype else tl.float32
     grid = (triton.cdiv(out_features, DENSE_BLOCK_M) * triton.cdiv(in_features, DENSE_BLOCK_N),)
@@ -186,7 +218,12 @@ def masked_grad_dense_triton(x, grad_y, n, key):
     return _launch_masked_grad(x, grad_y, n, key, dense=True)
 
 
+def dense_density_gpu(tokens: int) -> float:
+    """The density above which the dense kernel beats the gather kernel at this many tokens (see above)."""
+    return DENSE_DENSITY_GPU * (1 + DENSE_FLOOR_TOKENS / max(tokens, 1))
+
+
 def masked_grad_triton(x, grad_y, n, key):
-    """GPU dispatcher between the two kernels, by density (DENSE_DENSITY_GPU)."""
-    dense = n > DENSE_DENSITY_GPU * grad_y.shape[-1] * x.shape[-1]
+    """GPU dispatcher between the two kernels, by density and token count (dense_density_gpu)."""
+    dense = n > dense_density_gpu(x.shape[0]) * grad_y.shape[-1] * x.shape[-1]
     return _launch_masked_grad(x, grad_y, n, key, dense=dense)

@@ -43,10 +43,19 @@ CUDA_LIBRARY = "_randmask_cuda" + _SUFFIX
 # thread (fp32 and bf16) and up to 0.2-0.3 on two; at 0.1 it is 1.5-3x faster. Masks that dense are rare (the paper
 # trains <= 0.1% of a model), so the exact value matters little; 0.2 keeps the native path wherever it clearly wins.
 DENSE_DENSITY_NATIVE = 0.2
-# The same for the CUDA backend against the torch dense twin (cuBLAS). PROVISIONAL, not measured on a GPU yet:
-# benchmarks/gpu_check.sh measures it. The guess: a gather reads ~2 scattered 32-byte sectors per slot and token,
-# a tensor-core GEMM of the whole out x in x T product is ~100x cheaper per entry.
-DENSE_DENSITY_CUDA = 0.001
+# The same for the CUDA backend against the torch dense twin (cuBLAS, then a gather), measured on an H200
+# (benchmarks/results/cuda_backend.json, bf16): the CUDA gather costs ~1.75e-11 s per (slot x token) and the dense
+# twin ~out*in*T / 1.9e13 s but never less than ~0.5 ms (launches, fp32 copies). So the dense twin wins above density
+# 3e-3 on big layers (4096x4096 at 4096 tokens: cuda 0.86 ms vs 3.6 at 1e-3, 12.0 vs 3.6 at 1e-2) and never on small
+# ones (SmolLM2's 576x576 / 1536x576 at 512 tokens: the gather is faster up to density 0.1 in bf16).
+DENSE_DENSITY_CUDA = 3e-3
+CUDA_DENSE_FLOOR_S, CUDA_GATHER_S = 0.5e-3, 1.75e-11
+
+
+def cuda_prefers_dense(n: int, numel: int, tokens: int) -> bool:
+    """Whether the dense twin beats the CUDA gather for n slots of a numel-entry matrix over `tokens` tokens."""
+    return n > DENSE_DENSITY_CUDA * numel and n * tokens * CUDA_GATHER_S > CUDA_DENSE_FLOOR_S
+
 
 _p = ctypes.c_void_p
 _i = ctypes.c_int

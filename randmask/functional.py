@@ -21,8 +21,8 @@ def masked_grad(x: torch.Tensor, grad_y: torch.Tensor, mask: MatrixMask) -> torc
         return masked_grad_op.masked_grad_triton(x, grad_y, mask.n, mask.key)
     if backend in ("native", "cuda") and native_op.supports(x, grad_y):
         # The native kernels are gathers; above the measured crossover the dense twin (BLAS / cuBLAS) wins.
-        crossover = native_op.DENSE_DENSITY_NATIVE if backend == "native" else native_op.DENSE_DENSITY_CUDA
-        if mask.density > crossover:
+        if (mask.density > native_op.DENSE_DENSITY_NATIVE if backend == "native"
+                else native_op.cuda_prefers_dense(mask.n, mask.shape[0] * mask.shape[1], x.shape[0])):
             return masked_grad_op.masked_grad_dense_torch(x, grad_y, *mask.positions(x.device))
         launch = native_op.masked_grad_native if backend == "native" else native_op.masked_grad_cuda
         return launch(x, grad_y, mask.n, mask.key)

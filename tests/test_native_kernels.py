@@ -349,3 +349,12 @@ def test_setup_py_builds_the_library_into_the_package(tmp_path):
                 tmp_path / "tmp2"], cwd=REPO, env=env)
     assert "skipping randmask.kernels._randmask_native: RANDMASK_NATIVE=0" in out
     assert not (tmp_path / "pure" / "randmask" / "kernels" / native.CPU_LIBRARY).exists()
+
+
+def test_cuda_crossover_rule():
+    # the CUDA backend's dense/gather choice (measured on an H200): small layers always gather, big ones switch
+    # to the dense twin above DENSE_DENSITY_CUDA
+    small, big = 576 * 576, 4096 * 4096
+    assert not native.cuda_prefers_dense(int(0.1 * small), small, 512)
+    assert not native.cuda_prefers_dense(int(0.5 * native.DENSE_DENSITY_CUDA * big), big, 4096)
+    assert native.cuda_prefers_dense(int(2 * native.DENSE_DENSITY_CUDA * big), big, 4096)

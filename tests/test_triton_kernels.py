@@ -126,6 +126,19 @@ def test_masked_grad_matches_twin(launcher, shape, tokens, contiguous, dtype):
         torch.testing.assert_close(got, mg.masked_grad_gather_torch(x, grad_y, rows, cols), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("tokens", [300, 1000])
+def test_masked_grad_gather_token_split(tokens):
+    # few slots over many tokens: the gather kernel splits the tokens over programs (the last split short), then
+    # adds the partial sums; the result must not depend on the split
+    x, grad_y = _activations((70, 90), tokens, torch.float32, False)
+    for n in (1, 130):
+        blocks = -(-n // mg.GATHER_BLOCK_K)
+        assert mg._tokens_per_split(blocks, tokens, x.device) < tokens  # this case does split
+        rows, cols = _positions_torch((70, 90), n, KEY)
+        torch.testing.assert_close(mg.masked_grad_gather_triton(x, grad_y, n, KEY),
+                                   mg.masked_grad_gather_torch(x, grad_y, rows, cols), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("launcher", [mg.masked_grad_gather_triton, mg.masked_grad_dense_triton, mg.masked_grad_triton])
 def test_masked_grad_no_tokens(launcher):
     x, grad_y = torch.empty(0, 9), torch.empty(0, 5)
@@ -137,7 +150,7 @@ def test_masked_grad_dispatch_by_density(monkeypatch):
     launch = mg._launch_masked_grad
     monkeypatch.setattr(mg, "_launch_masked_grad", lambda *a, dense: chosen.append(dense) or launch(*a, dense=dense))
     x, grad_y = _activations((20, 50), 8, torch.float32, True)
-    threshold = int(mg.DENSE_DENSITY_GPU * 1000)
+    threshold = int(mg.dense_density_gpu(8) * 1000)  # (20, 50) with 8 tokens
     for n in (threshold, threshold + 1):
         rows, cols = _positions_torch((20, 50), n, KEY)
         torch.testing.assert_close(mg.masked_grad_triton(x, grad_y, n, KEY),
