@@ -31,6 +31,14 @@ def check(ok: bool, what: str):
         failures.append(what)
 
 
+def same_weights(got, ref) -> bool:
+    """Bitwise equal; under the CPU interpreter (--smoke) bf16 within one unit in the last place, because the
+    interpreter rounds fp32 -> bf16 by truncation where a GPU and torch round to nearest even."""
+    if DEVICE.type == "cpu" and got.dtype == torch.bfloat16:
+        return bool(((got.view(torch.int16).int() - ref.view(torch.int16).int()).abs() <= 1).all())
+    return torch.equal(got, ref)
+
+
 def twin_positions(shape, n, key):
     flat = slot_to_flat_torch(torch.arange(n, device=DEVICE), shape[0] * shape[1], key)
     return flat // shape[1], flat % shape[1]
@@ -75,7 +83,7 @@ def main():
         ours, ref = weight.clone(), weight.clone()
         update_op.sparse_update_triton(ours, base, delta, key)
         update_op.sparse_update_torch(ref, base, delta, rows, cols)
-        check(torch.equal(ours, ref), f"sparse update {dtype}")
+        check(same_weights(ours, ref), f"sparse update {dtype}")
         grad = torch.randn(n, device=DEVICE)
         states = [[delta.clone(), torch.zeros(n, device=DEVICE), torch.zeros(n, device=DEVICE), weight.clone()]
                   for _ in range(2)]
@@ -87,7 +95,7 @@ def main():
         (d1, m1, v1, w1), (d2, m2, v2, w2) = states
         err = ((d1 - d2).abs().max() / d2.abs().max()).item()
         check(err < 1e-6 and torch.equal(m1, m2), f"MaskedAdamW triton vs twin {dtype}: delta rel err {err:.1e}")
-        check(torch.equal(w1[rows, cols], (base.float() + d1).to(dtype)), f"MaskedAdamW merged weight {dtype}")
+        check(same_weights(w1[rows, cols], (base.float() + d1).to(dtype)), f"MaskedAdamW merged weight {dtype}")
     print(f"{len(failures)} failed" if failures else "all Triton kernels agree with their torch twins")
     sys.exit(1 if failures else 0)
 
