@@ -162,13 +162,18 @@ def run_method(args):
                       "trainable": sum(p.numel() for p in trainable), "adapter_bytes": adapter_bytes}))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=SHAPES, default="135m")
+def add_step_arguments(parser) -> None:
+    """The options that define one training step (shared with profile_step.py)."""
+    parser.add_argument("--shape", choices=SHAPES, default="135m", help="model shape (LlamaConfig), default 135m")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_arguments(parser)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2,

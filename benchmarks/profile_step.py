@@ -13,17 +13,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_e2e import METHODS, SETTINGS, SHAPES, prepare  # noqa: E402
+from bench_e2e import METHODS, SETTINGS, add_step_arguments, prepare  # noqa: E402
 from common import machine_name, synchronize  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=SHAPES, default="135m")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
+    add_step_arguments(parser)
     parser.add_argument("--method", default="randmask", choices=METHODS)
     parser.add_argument("--setting", default="qv", choices=SETTINGS)
     parser.add_argument("--warmup", type=int, default=3)
