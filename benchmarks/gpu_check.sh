@@ -70,6 +70,8 @@ timeout 40 $PY benchmarks/bench_positions.py --device cuda --repeats 5 --skip-mo
 echo "positions exit status $?"; save_results
 timeout 30 $PY benchmarks/bench_update.py --device cuda
 echo "update exit status $?"; save_results
+timeout 30 $PY benchmarks/bench_overhead.py --device cuda  # host cost per layer: what a host-bound step pays
+echo "overhead exit status $?"; save_results
 # one round: each method is its own process, ~22 s each on an H200 VM (start-up, 1B model); the naive dense-masked
 # model is left to the CPU table (measured once on an H200: all-linear 1.58x the floor, 3.3x the floor's memory)
 echo "($(( $(date +%s) - START )) s so far)"

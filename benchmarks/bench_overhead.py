@@ -1,0 +1,98 @@
+"""Host cost per layer: what one layer's forward + backward and one optimizer step cost when the arithmetic is tiny.
+
+    python benchmarks/bench_overhead.py                  # CPU
+    python benchmarks/bench_overhead.py --device cuda    # GPU: Python + launch cost per op, the GPU nearly idle
+
+A 1B model at 4 x 128 tokens is host-bound on a GPU (measured on an H200: 11 ms of GPU work in a 74 ms step), so
+every op's Python and launch cost decides the step time there. This measures it on one 64 x 64 layer with 8 tokens,
+where the kernels themselves take microseconds:
+  frozen             nn.Linear, weight frozen, input gradient computed (the floor)
+  masked             MaskedLinear (n = 4): forward + backward (the masked-gradient kernel)
+  lora               nn.Linear + B(A(x)) * scale, r = 8 (what PEFT's LoRA layer computes)
+  masked_grad        the masked gradient alone (randmask.functional.masked_grad, the default backend)
+  sync               the merged-weight write alone (MaskedLinear.sync: one sparse-update kernel)
+  AdamW+sync         torch.optim.AdamW step on the delta, then randmask's step hook syncs the layer
+  MaskedAdamW        randmask.optim.MaskedAdamW step (on a GPU one fused launch that also writes the weight)
+  AdamW (lora)       torch.optim.AdamW step on LoRA's two matrices
+Microseconds per call: the minimum over --rounds rounds of --calls calls each (synchronized once per round, so
+launches overlap as they do in training). Writes benchmarks/results/overhead_<device>.{md,json}.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_name, markdown_table, synchronize, write_results  # noqa: E402
+
+from randmask import MaskedAdamW, MaskedLinear  # noqa: E402
+from randmask.backend import kernel_backend  # noqa: E402
+from randmask.functional import masked_grad  # noqa: E402
+
+
+def per_call_us(fn, device, calls, rounds):
+    fn()
+    synchronize(device)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e6
+
+
+def cases(device):
+    """name -> zero-argument callable."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 64, device=device, requires_grad=True)
+    frozen = torch.nn.Linear(64, 64, device=device).requires_grad_(False)
+    masked = MaskedLinear.from_linear(torch.nn.Linear(64, 64, device=device), n=4, name="bench.overhead")
+    lora_a = torch.nn.Linear(64, 8, bias=False, device=device)
+    lora_b = torch.nn.Linear(8, 64, bias=False, device=device)
+    adamw = torch.optim.AdamW([masked.delta], lr=1e-3)
+    masked_adamw = MaskedAdamW([masked.delta], lr=1e-3)
+    lora_adamw = torch.optim.AdamW([lora_a.weight, lora_b.weight], lr=1e-3)
+    masked.delta.grad = torch.randn(4, device=device)
+    lora_a.weight.grad, lora_b.weight.grad = torch.randn_like(lora_a.weight), torch.randn_like(lora_b.weight)
+    x2d, grad_y = torch.randn(8, 64, device=device), torch.randn(8, 64, device=device)
+
+    def backward(y):
+        y.sum().backward()
+
+    return {
+        "frozen": lambda: backward(frozen(x)),
+        "masked": lambda: backward(masked(x)),
+        "lora": lambda: backward(frozen(x) + lora_b(lora_a(x)) * 2.0),
+        "masked_grad": lambda: masked_grad(x2d, grad_y, masked.mask),
+        "sync": masked.sync,
+        "AdamW+sync": adamw.step,
+        "MaskedAdamW": masked_adamw.step,
+        "AdamW (lora)": lora_adamw.step,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--calls", type=int, default=300, help="calls per round")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds; the fastest one counts")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    found = cases(device)
+    us = {name: per_call_us(fn, device, args.calls, args.rounds) for name, fn in found.items()}
+    title = (f"Host cost per call, {machine_name(device)}, backend {kernel_backend(device)}; 64x64 layer, 8 tokens, "
+             f"n = 4; min over {args.rounds} rounds of {args.calls} calls")
+    rows = [[name, f"{value:.1f}", f"{value / us['frozen']:.2f}"] for name, value in us.items()]
+    markdown = f"{title}\n\n" + markdown_table(["case", "µs per call", "× frozen fwd+bwd"], rows)
+    print(markdown)
+    write_results(f"overhead_{device.type}", {"title": title, "us": us, "args": vars(args)}, markdown)
+
+
+if __name__ == "__main__":
+    main()
