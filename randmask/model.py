@@ -137,13 +137,14 @@ def apply(model: nn.Module, config: RandMaskConfig) -> nn.Module:
     return model
 
 
-def trainable_parameters(model: nn.Module) -> int:
+def count_trainable_parameters(model: nn.Module) -> int:
+    """How many values of the model train (for a randmask model: the sum of its layers' n)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def print_trainable_parameters(model: nn.Module) -> str:
     """PEFT's one-line summary; also returned."""
-    trainable = trainable_parameters(model)
+    trainable = count_trainable_parameters(model)
     total = sum(p.numel() for p in model.parameters())
     line = (f"trainable params: {trainable:,} || all params: {total:,} || "
             f"trainable%: {100 * trainable / max(total, 1):.4f}")

@@ -110,7 +110,7 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path, model_dir, csv_file):
 
     model, tok = F.load_model(str(model_dir), "float32", "cpu")
     randmask.load_adapter(model, out_dir / "randmask_adapter.safetensors")
-    assert randmask.trainable_parameters(model) == rm["trainable"]
+    assert randmask.count_trainable_parameters(model) == rm["trainable"]
     dataset = D.load_file(csv_file, "text", "label")
     _, _, test = D.split(dataset, 0, (60, 20, 40))
     items = D.encode(tok, D.Template(), test, 64)

@@ -36,9 +36,9 @@ def test_apply_replaces_targets_freezes_the_rest_and_keys_by_name():
         assert layer.key == randmask.layer_key(3, name) and layer.n == round(0.05 * layer.weight.numel())
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert trainable == [f"{name}.delta" for name in layers]
-    assert randmask.trainable_parameters(model) == sum(layer.n for layer in layers.values())
+    assert randmask.count_trainable_parameters(model) == sum(layer.n for layer in layers.values())
     line = randmask.print_trainable_parameters(model)
-    assert line.startswith(f"trainable params: {randmask.trainable_parameters(model):,} || all params:")
+    assert line.startswith(f"trainable params: {randmask.count_trainable_parameters(model):,} || all params:")
 
 
 def test_masks_depend_on_names_not_on_module_order():
@@ -200,7 +200,7 @@ rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
 torch.manual_seed(rank)  # the ranks' models start from different seeds; DDP broadcasts rank 0's weights
 model = randmask.apply(tiny_llama(seed=rank), randmask.RandMaskConfig(density=0.05, target_modules="all-linear"))
-n_total = randmask.trainable_parameters(model)
+n_total = randmask.count_trainable_parameters(model)
 ddp = DDP(model)
 reduced = []
 def counting_allreduce(state, bucket):
