@@ -186,26 +186,6 @@ def majority_shares(split, max_train, seed) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- the study
-def _vmhwm_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset this process's peak RSS to its current RSS
-        return True
-    except OSError:
-        return False
-
-
-def _vmhwm_mib() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def study_settings(args):
     from randmask.finetune import Settings
 
@@ -272,7 +252,6 @@ def train_run(item, ctx, args, governor, log) -> dict:
     F._check(s)
     record = {k: item[k] for k in ("id", "config", "method", "targets", "ratio", "lr", "lr_factor")}
     record.update(dtype=dtype, dtype_why=dtype_why, load_average_before=load_average())
-    _vmhwm_reset()
     t0 = time.perf_counter()
     model, _ = F.load_model(ctx["model_dir"], dtype, "cpu")
     torch.manual_seed(s.seed)  # as run() does before each method
@@ -285,11 +264,10 @@ def train_run(item, ctx, args, governor, log) -> dict:
         return record
     keep = ("trainable", "total_params", "trainable_ratio", "steps", "best_epoch", "best_dev_accuracy",
             "test_accuracy", "test_loss", "history", "train_seconds", "seconds", "seconds_per_step", "adapter",
-            "adapter_bytes", "train_loss")
+            "adapter_bytes", "train_loss", "peak_rss_mib")
     record.update({k: r[k] for k in keep if k in r})
     record["method_config"] = r.get("config")
     record["status"] = "ok"
-    record["peak_rss_mib"] = _vmhwm_mib()
     record["load_average_after"] = load_average()
     record["torch_threads_after"] = torch.get_num_threads()
     if method == "randmask":

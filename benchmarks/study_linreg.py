@@ -3,7 +3,7 @@
     python benchmarks/study_linreg.py                       # d = 20000, n = 20, p = 1e-3 .. 1, 5 seeds (~20 s)
     python benchmarks/study_linreg.py --d 5000 --n 10 --seeds 2 --points 9
 
-Setup (Xu & Zhang, ICML 2024, Sec. "theory"; docs/reproduction_theory.md): X is n x d with iid N(0, 1/d) entries
+Setup (Xu & Zhang, ICML 2024, Sec. "theory"; docs/reproduction.md, section 2): X is n x d with iid N(0, 1/d) entries
 (so E[X X^T] = I), pretrained weights w0, targets y = X w* with w* - w0 ~ N(0, I_d), so the residual to fit is
 r = y - X w0 = X (w* - w0). A random mask keeps k = round(p d) of the d coordinates (uniform, without replacement,
 seeded) and gradient descent trains only those: the loss is L(D) = |X_M D - r|^2 / (2n) over D in R^k, whose Hessian
@@ -17,7 +17,7 @@ is H_p = X_M^T X_M / n. For each p on a log grid and each mask seed this measure
       eta = 1 and bisected to --bisect-rel relative width. Prediction: 2 / lambda_max ~ 1 / p.
   (c) the distance from w0 of the solution GD converges to: the min-norm interpolant of the masked system,
       |D| = |X_M^+ r|, with r^T (X_M X_M^T)^{-1} r = |D|^2. Prediction: ~ 1 / sqrt(p); finite-size form
-      E|D|^2 = n (d - n - 1) / (k - n - 1) (inverse-Wishart mean; derivation in docs/reproduction_theory.md).
+      E|D|^2 = n (d - n - 1) / (k - n - 1) (inverse-Wishart mean; derivation in docs/reproduction.md, section 2).
       Checked against GD itself: GD at eta = 1 / lambda_max for --gd-steps steps from D = 0.
 Each seed draws a fresh X, w* and mask (so seed averages estimate the expectations the formulas give).
 Log-log slopes are fitted to the seed-averaged log values twice: over every p, and over the over-parameterised

@@ -40,9 +40,9 @@ CUDA_LIBRARY = "_randmask_cuda" + _SUFFIX
 # Above this density the CPU backend hands the masked gradient to the torch dense twin (BLAS) instead of the native
 # gather. Measured with benchmarks/bench_masked_grad.py at the SmolLM2-135M shapes, 512 tokens (2-core AMD EPYC,
 # AVX-512; results/masked_grad_cpu_*): the native gather beats the dense twin at every density up to 0.3 on one
-# thread (fp32 and bf16) and up to 0.2-0.3 on two; at 0.1 it is 1.5-3x faster. Masks that dense are rare (the paper
-# trains <= 0.1% of a model), so the exact value matters little; 0.2 keeps the native path wherever it clearly wins.
-DENSE_DENSITY_NATIVE = 0.2
+# thread and on two (1.2-1.5x at 0.3, 1.6-1.9x at 0.2, two threads); at 0.5 the two are within 10% either way. Masks
+# that dense are rare (the paper trains <= 0.1% of a model); 0.4 sits between the last clear native win and the tie.
+DENSE_DENSITY_NATIVE = 0.4
 # The same for the CUDA backend against the torch dense twin (cuBLAS, then a gather), measured on an H200
 # (benchmarks/results/cuda_backend.json, bf16): the CUDA gather costs ~1.75e-11 s per (slot x token) and the dense
 # twin ~out*in*T / 1.9e13 s but never less than ~0.5 ms (launches, fp32 copies). So the dense twin wins above density

@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from randmask.layer import MaskedLinear, layer_of
 from randmask.model import masked_layers
@@ -94,7 +95,9 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
 def _gradient_graph(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor]):
     """grad(loss) w.r.t. params with its graph kept, the masked layers of `params` on their differentiable forward."""
     layers = {id(layer): layer for layer in map(layer_of, params) if layer is not None}
-    with differentiable_masked_layers(layers.values()):
+    # The math attention backend: the fused ones (flash, memory-efficient) have backward ops without derivatives,
+    # so a transformer's loss built with them cannot be differentiated twice.
+    with differentiable_masked_layers(layers.values()), sdpa_kernel(SDPBackend.MATH):
         loss = loss_fn()
     if loss.dim() != 0:
         raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")

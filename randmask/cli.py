@@ -104,8 +104,9 @@ method  randmask: train a fixed, seed-addressed random subset of the --targets m
         the whole model, or --density of each matrix). lora: PEFT LoRA on the same --targets (--lora-r,
         --lora-alpha). full: every parameter. --method randmask,lora runs both on the same split.
 train   AdamW (betas 0.9, 0.999, eps 1e-8), weight decay 0, constant learning rate, no warmup, gradient norm
-        clipped at 1.0; --lr auto picks it by a rule (printed): randmask lr = 1e-2 * 1e-4 / ratio (the paper: best
-        LR ~ 1/ratio, 1e-2 at 0.01%), clamped to [1e-5, 1e-1]; lora 1e-4; full 1e-5. Dev accuracy after every
+        clipped at 1.0; --lr auto picks it by a rule (printed) measured in benchmarks/study_finetune.py:
+        randmask lr = 1e-1 * 1e-4 / ratio (best LR ~ 1/ratio as in the paper, at 10x its 1e-2 at 0.01%), clamped
+        to [1e-5, 1]; lora 3e-3; full 3e-5. Dev accuracy after every
         epoch; the best epoch's trained values are restored before the test.
 output  zero-shot and fine-tuned test accuracy, trainable count, adapter size, time and peak memory, printed
         and written to --output-dir: metrics.json, loss_curve.png, and the adapter

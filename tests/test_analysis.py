@@ -164,3 +164,33 @@ def test_delta_norm_is_the_norm_of_all_deltas():
         net[2].delta.zero_()
     assert delta_norm(net[0]) == pytest.approx(5.0, rel=1e-12)
     assert delta_norm(torch.nn.Linear(3, 3)) == 0.0  # no masked layer: nothing travelled
+
+
+def test_top_eigenvalue_on_a_transformer_with_fused_attention():
+    # A Llama built with the default (sdpa) attention: its fused CPU kernel's backward has no derivative, so the
+    # Hessian needs the math backend, which the analysis selects itself. Reference: the explicit Hessian, column by
+    # column from Hessian-vector products on unit vectors, and numpy's eigenvalues.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).double()
+    randmask.apply(model, randmask.RandMaskConfig(density=0.03, target_modules=["q_proj", "v_proj"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    sizes = [p.numel() for p in params]
+    batch = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    loss_fn = lambda: model(input_ids=batch, labels=batch).loss  # noqa: E731
+    columns = []
+    for i in range(sum(sizes)):
+        unit = torch.zeros(sum(sizes), dtype=torch.float64)
+        unit[i] = 1
+        columns.append(torch.cat([h.flatten() for h in
+                                  hessian_vector_product(loss_fn, params, list(unit.split(sizes)))]))
+    hessian = torch.stack(columns, 1).numpy()
+    eigenvalues = np.linalg.eigvalsh((hessian + hessian.T) / 2)
+    by_magnitude = eigenvalues[np.argsort(-np.abs(eigenvalues))]
+    assert abs(by_magnitude[1]) < 0.9 * abs(by_magnitude[0])  # a gap: power iteration converges
+    lam, _, _ = hessian_top_eigenvalue(loss_fn, params, iters=300, tol=1e-10,
+                                       generator=torch.Generator().manual_seed(0))
+    assert lam == pytest.approx(by_magnitude[0], rel=1e-4)
