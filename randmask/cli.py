@@ -114,7 +114,7 @@ output  zero-shot and fine-tuned test accuracy, trainable count, adapter size, t
         full_model/ for full).
 
 The defaults (2 epochs over 500 of the 1000 training examples, dev 500, test 1000, bfloat16 on CPUs that have
-it) finish in about 5 minutes on 2 CPU cores; --max-train 1000 --epochs 5 is the paper's schedule."""
+it) finish in about 3 minutes on 2 CPU cores; --max-train 1000 --epochs 5 is the paper's schedule."""
 
 
 def _pair(text):
