@@ -187,11 +187,12 @@ def majority_shares(split, max_train, seed) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- the study
 def study_settings(args):
+    from randmask import finetune as F
     from randmask.finetune import Settings
 
     return Settings(split=tuple(args.split), max_train=args.max_train, max_length=args.max_length,
-                    epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, dtype="auto", device="cpu",
-                    progress=False)
+                    epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, dtype="auto",
+                    device=F.resolve_device(args.device), progress=False)
 
 
 def prepare(args, log):
@@ -224,8 +225,8 @@ def run_zero_shot(ctx, governor, log) -> dict:
     from randmask import finetune as F
 
     s = ctx["settings"]
-    dtype, _ = F.resolve_dtype("auto", "cpu", ("randmask",))
-    model, _ = F.load_model(ctx["model_dir"], dtype, "cpu")
+    dtype, _ = F.resolve_dtype("auto", s.device, ("randmask",))
+    model, _ = F.load_model(ctx["model_dir"], dtype, s.device)
     torch.manual_seed(s.seed)
     t0 = time.perf_counter()
     ev = F.evaluate(model, ctx["enc"]["test"], s.eval_batch_size, ctx["pad"], False, "zero-shot", governor)
@@ -243,7 +244,7 @@ def train_run(item, ctx, args, governor, log) -> dict:
 
     base = ctx["settings"]
     method = item["method"]
-    dtype, dtype_why = F.resolve_dtype("auto", "cpu", (method,))
+    dtype, dtype_why = F.resolve_dtype("auto", base.device, (method,))
     out_dir = os.path.join(args.work_dir, item["id"])
     os.makedirs(out_dir, exist_ok=True)
     s = dataclasses.replace(base, methods=(method,), lr=item["lr"], dtype=dtype,
@@ -253,7 +254,7 @@ def train_run(item, ctx, args, governor, log) -> dict:
     record = {k: item[k] for k in ("id", "config", "method", "targets", "ratio", "lr", "lr_factor")}
     record.update(dtype=dtype, dtype_why=dtype_why, load_average_before=load_average())
     t0 = time.perf_counter()
-    model, _ = F.load_model(ctx["model_dir"], dtype, "cpu")
+    model, _ = F.load_model(ctx["model_dir"], dtype, s.device)
     torch.manual_seed(s.seed)  # as run() does before each method
     enc = ctx["enc"]
     try:
@@ -290,7 +291,7 @@ def hessian_for(ratio, best, ctx, args, log, points) -> dict:
     from randmask import finetune as F
 
     s = ctx["settings"]
-    model, _ = F.load_model(ctx["model_dir"], "float32", "cpu")
+    model, _ = F.load_model(ctx["model_dir"], "float32", s.device)
     randmask.apply(model, randmask.RandMaskConfig(trainable_ratio=ratio, target_modules=QV, seed=s.seed))
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -606,6 +607,7 @@ def parse_args(argv=None):
     g.add_argument("--hessian-iters", type=int, default=10, help="max Hessian-vector products (default 10)")
     g.add_argument("--hessian-tol", type=float, default=1e-2, help="relative change that stops the power "
                    "iteration (default 1e-2)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, ... (default auto: cuda if available)")
     g = p.add_argument_group("files")
     g.add_argument("--resume", action="store_true", help="keep the results JSON and skip the runs already in it")
     g.add_argument("--report-only", action="store_true", help="only rebuild the .md and .png from the JSON")
@@ -651,7 +653,7 @@ def main(argv=None) -> None:
             "model": ctx["model_dir"], "model_name": "SmolLM2-135M-Instruct", "dataset": ctx["dataset"],
             "sizes": ctx["sizes"], "split": list(s.split), "max_train": s.max_train, "epochs": s.epochs,
             "batch_size": s.batch_size, "max_length": s.max_length, "seed": s.seed, "template": s.template,
-            "verbalizers": list(s.verbalizers), "machine": machine_name("cpu"), "torch": torch.__version__,
+            "verbalizers": list(s.verbalizers), "machine": machine_name(s.device), "torch": torch.__version__,
             "how": "randmask.finetune.train_one per run, data prepared once as randmask.finetune.run does",
             "majority": majority_shares(s.split, s.max_train, s.seed)}
     old = data.get("meta", {})
