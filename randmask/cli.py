@@ -105,8 +105,8 @@ method  randmask: train a fixed, seed-addressed random subset of the --targets m
         --lora-alpha). full: every parameter. --method randmask,lora runs both on the same split.
 train   AdamW (betas 0.9, 0.999, eps 1e-8), weight decay 0, constant learning rate, no warmup, gradient norm
         clipped at 1.0; --lr auto picks it by a rule (printed) measured in benchmarks/study_finetune.py:
-        randmask lr = 1e-1 * 1e-4 / ratio (best LR ~ 1/ratio as in the paper, at 10x its 1e-2 at 0.01%), clamped
-        to [1e-5, 1]; lora 3e-3; full 3e-5. Dev accuracy after every
+        randmask lr = 0.15 * (1e-4 / ratio) ** 0.75 (the paper: best LR ~ 1/ratio), capped at 1;
+        lora 3e-3; full 1e-4. Dev accuracy after every
         epoch; the best epoch's trained values are restored before the test.
 output  zero-shot and fine-tuned test accuracy, trainable count, adapter size, time and peak memory, printed
         and written to --output-dir: metrics.json, loss_curve.png, and the adapter
@@ -114,7 +114,7 @@ output  zero-shot and fine-tuned test accuracy, trainable count, adapter size, t
         full_model/ for full).
 
 The defaults (2 epochs over 500 of the 1000 training examples, dev 500, test 1000, bfloat16 on CPUs that have
-it) finish in about 3 minutes on 2 CPU cores; --max-train 1000 --epochs 5 is the paper's schedule."""
+it) finish in about 4 minutes on 2 CPU cores; --max-train 1000 --epochs 5 is the paper's schedule."""
 
 
 def _pair(text):

@@ -126,7 +126,7 @@ def test_full_fine_tuning(tmp_path, model_dir, csv_file, capsys):
     r = metrics["methods"]["full"]
     assert r["trainable"] == r["total_params"] and metrics["settings"]["dtype"] == "float32"
     assert (tmp_path / "full" / "full_model" / "config.json").exists()
-    assert "full: 3e-05" in F.auto_lr("full")[1]
+    assert "full: 0.0001" in F.auto_lr("full")[1]
 
 
 @pytest.mark.parametrize("method", ["randmask", "lora"])
@@ -276,14 +276,13 @@ def test_shared_prompt_pass_equals_one_row_per_option():
 
 
 def test_lr_rule():
-    # the study's measured anchor: 1e-1 at 0.01% (10x the paper's), ~ 1 / ratio, clamped to [1e-5, 1]
-    assert F.auto_lr("randmask", 1e-4)[0] == pytest.approx(1e-1)
-    assert F.auto_lr("randmask", 1e-3)[0] == pytest.approx(1e-2)
-    assert F.auto_lr("randmask", 1e-5)[0] == pytest.approx(1.0)
-    assert F.auto_lr("randmask", 1e-7)[0] == pytest.approx(1.0)     # clamped
-    assert F.auto_lr("randmask", 0.9)[0] == pytest.approx(1e-5 / 0.9)
-    assert F.auto_lr("randmask", 1.0)[0] == pytest.approx(1e-5)     # clamped
-    assert F.auto_lr("lora")[0] == 3e-3 and F.auto_lr("full")[0] == 3e-5
+    # the study's fitted rule: 0.15 at 0.01%, ~ ratio ** -0.75, capped at 1
+    assert F.auto_lr("randmask", 1e-4)[0] == pytest.approx(0.15)
+    assert F.auto_lr("randmask", 1e-3)[0] == pytest.approx(0.15 * 10 ** -0.75)
+    assert F.auto_lr("randmask", 1e-5)[0] == pytest.approx(0.15 * 10 ** 0.75)
+    assert F.auto_lr("randmask", 1e-7)[0] == pytest.approx(1.0)     # capped
+    assert F.auto_lr("randmask", 1.0)[0] == pytest.approx(0.15 * 1e-3)
+    assert F.auto_lr("lora")[0] == 3e-3 and F.auto_lr("full")[0] == F.LR_FULL
     assert "1/ratio" in F.auto_lr("randmask", 1e-4)[1]
 
 
