@@ -5,8 +5,10 @@ dense-masked model, on one Llama-shaped model built from a config, same batch, s
     python benchmarks/bench_e2e.py --shape 1b --dtype bfloat16 --device cuda
 
 Each method runs in its own process (so peak memory is its own): warm-up steps, then the median of timed steps of
-forward + backward + AdamW step; --rounds repeats all methods interleaved and keeps each one's fastest round. Reports step time and peak memory as ratios to LoRA and to the frozen floor (every
-weight frozen, input gradients still computed: the work no method can avoid), and the adapter file size.
+forward + backward + AdamW step; --rounds repeats all methods interleaved and keeps each one's fastest round. The
+frozen floor (every weight frozen, input gradients still computed: the work no method can avoid) and full
+fine-tuning do not depend on the targets: each round runs them once and every setting's table shows that run.
+Reports step time and peak memory as ratios to LoRA and to the frozen floor, and the adapter file size.
 Writes benchmarks/results/e2e_<device>_<shape>.{json,md,png}.
 """
 import argparse
@@ -38,6 +40,7 @@ SETTINGS = {  # name: (targets, what sets the trainable count)
                    "every method at LoRA r=8's count per matrix"),
 }
 METHODS = ["frozen", "randmask", "lora", "shira", "naive", "full"]
+SETTING_FREE = ("frozen", "full")  # train nothing / everything whatever the targets: run once per round
 
 
 def build_model(args):
@@ -171,6 +174,18 @@ def add_step_arguments(parser) -> None:
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
 
 
+def run_in_process(args, method, setting):
+    """One method's measurements from a fresh process (so its peak memory is its own), or None if it failed."""
+    cmd = [sys.executable, __file__, "--method", method, "--setting", setting, "--shape", args.shape,
+           "--dtype", args.dtype, "--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq),
+           "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"{setting}/{method} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_step_arguments(parser)
@@ -187,30 +202,44 @@ def main():
         return run_method(args)
     RESULTS.mkdir(exist_ok=True)
     results = {"machine": machine_name(args.device), "shape": args.shape, "dtype": args.dtype,
-               "batch": args.batch, "seq": args.seq, "rounds": args.rounds, "settings": {}}
-    for setting in args.settings.split(","):
-        rows = {}
-        for round_ in range(args.rounds):  # rounds interleave the methods: drift on a shared machine hits all alike
+               "batch": args.batch, "seq": args.seq, "rounds": args.rounds}
+    settings = args.settings.split(",")
+    results["settings"] = {setting: {} for setting in settings}
+    # Rounds outermost, so that within a round every method of every setting runs minutes apart: drift on a shared
+    # machine then hits a round's methods alike, and the by-round ratios cancel it.
+    for round_ in range(args.rounds):
+        shared = {}  # the frozen floor and full fine-tuning do not depend on the targets: once per round
+        for setting in settings:
+            rows = results["settings"][setting]
             for method in args.methods.split(","):
-                cmd = [sys.executable, __file__, "--method", method, "--setting", setting, "--shape", args.shape,
-                       "--dtype", args.dtype, "--device", args.device, "--batch", str(args.batch), "--seq",
-                       str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps)]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode != 0:
-                    print(f"{setting}/{method} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-                    continue
-                row = json.loads(out.stdout.strip().splitlines()[-1])
+                row = shared.get(method)
+                if row is None:
+                    row = run_in_process(args, method, setting)
+                    if row is None:
+                        continue
+                    if method in SETTING_FREE:
+                        shared[method] = row
+                    print(f"{setting:10s} {method:9s} round {round_}: {row['step_s'] * 1e3:9.1f} ms "
+                          f"{row['peak_bytes'] / 2**20:9.1f} MiB  trainable {row['trainable']:,}", flush=True)
+                every_round = rows[method]["rounds_s"] if method in rows else []
                 if method not in rows or row["step_s"] < rows[method]["step_s"]:
-                    rows[method] = row  # the fastest round's median: the least disturbed
-                print(f"{setting:10s} {method:9s} round {round_}: {row['step_s'] * 1e3:9.1f} ms "
-                      f"{row['peak_bytes'] / 2**20:9.1f} MiB  trainable {row['trainable']:,}", flush=True)
-        results["settings"][setting] = rows
-        # written after every setting, so a run cut short (a GPU lease's time limit) keeps what it measured
-        stem = RESULTS / f"e2e_{args.device}_{args.shape}_{args.dtype}"
-        stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-        stem.with_suffix(".md").write_text(markdown(results))
-        plot(results, stem.with_suffix(".png"))
+                    rows[method] = dict(row)  # the fastest round's median: the least disturbed
+                rows[method]["rounds_s"] = every_round + [row["step_s"]]
+            # written after every setting, so a run cut short (a GPU lease's time limit) keeps what it measured
+            stem = RESULTS / f"e2e_{args.device}_{args.shape}_{args.dtype}"
+            stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+            stem.with_suffix(".md").write_text(markdown(results))
+            plot(results, stem.with_suffix(".png"))
     print(markdown(results))
+
+
+def by_round(row, ref) -> str:
+    """Median (and range) over rounds of row's step time / ref's step time in the same round."""
+    if not ref or "rounds_s" not in row or len(row["rounds_s"]) != len(ref.get("rounds_s", [])):
+        return "–"
+    ratios = sorted(a / b for a, b in zip(row["rounds_s"], ref["rounds_s"]))
+    spread = f" ({ratios[0]:.2f}–{ratios[-1]:.2f})" if len(ratios) > 1 else ""
+    return f"{statistics.median(ratios):.2f}{spread}"
 
 
 def markdown(results) -> str:
@@ -218,17 +247,22 @@ def markdown(results) -> str:
              f"{results['batch']} x {results['seq']} tokens; median step (forward + backward + AdamW), "
              f"fastest of {results.get('rounds', 1)} interleaved rounds, each method in its own process.", ""]
     for setting, rows in results["settings"].items():
+        if not rows:
+            continue
         lines += [f"**{setting}** ({SETTINGS[setting][1]})", "",
-                  "| method | trainable | step ms | × frozen | × LoRA | peak MiB | × LoRA | adapter KiB |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| method | trainable | step ms | × frozen | × LoRA | × frozen, by round | × LoRA, by round | "
+                  "peak MiB | × LoRA | adapter KiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         frozen, lora = rows.get("frozen"), rows.get("lora")
         for method, r in rows.items():
             ratio = lambda key, ref: f"{r[key] / ref[key]:.2f}" if ref else "–"  # noqa: E731
             adapter = f"{r['adapter_bytes'] / 1024:.0f}" if r["adapter_bytes"] else "–"
             lines.append(f"| {method} | {r['trainable']:,} | {r['step_s'] * 1e3:.1f} | {ratio('step_s', frozen)} | "
-                         f"{ratio('step_s', lora)} | {r['peak_bytes'] / 2**20:.0f} | {ratio('peak_bytes', lora)} | "
-                         f"{adapter} |")
+                         f"{ratio('step_s', lora)} | {by_round(r, frozen)} | {by_round(r, lora)} | "
+                         f"{r['peak_bytes'] / 2**20:.0f} | {ratio('peak_bytes', lora)} | {adapter} |")
         lines.append("")
+    lines.append("× by round: the median over rounds of the two methods' ratio within each round (the two ran minutes "
+                 "apart, so a slow spell on a shared machine mostly cancels), with the range over rounds.")
     return "\n".join(lines)
 
 
@@ -238,7 +272,7 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = list(results["settings"])
+    settings = [setting for setting, rows in results["settings"].items() if rows]
     fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         rows = results["settings"][setting]

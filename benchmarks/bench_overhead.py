@@ -2,6 +2,7 @@
 
     python benchmarks/bench_overhead.py                  # CPU
     python benchmarks/bench_overhead.py --device cuda    # GPU: Python + launch cost per op, the GPU nearly idle
+    python benchmarks/bench_overhead.py --device cuda --backends triton,cuda   # Triton vs CUDA C++ launches
 
 A 1B model at 4 x 128 tokens is host-bound on a GPU (measured on an H200: 11 ms of GPU work in a 74 ms step), so
 every op's Python and launch cost decides the step time there. This measures it on one 64 x 64 layer with 8 tokens,
@@ -15,7 +16,9 @@ where the kernels themselves take microseconds:
   MaskedAdamW        randmask.optim.MaskedAdamW step (on a GPU one fused launch that also writes the weight)
   AdamW (lora)       torch.optim.AdamW step on LoRA's two matrices
 Microseconds per call: the minimum over --rounds rounds of --calls calls each (synchronized once per round, so
-launches overlap as they do in training). Writes benchmarks/results/overhead_<device>.{md,json}.
+launches overlap as they do in training). With --backends, the randmask cases are measured under each
+RANDMASK_BACKEND in turn (frozen, lora and AdamW (lora) do not depend on it and are measured once).
+Writes benchmarks/results/overhead_<device>.{md,json}.
 """
 import argparse
 import os
@@ -43,6 +46,9 @@ def per_call_us(fn, device, calls, rounds):
         synchronize(device)
         best = min(best, (time.perf_counter() - start) / calls)
     return best * 1e6
+
+
+BACKEND_FREE = ("frozen", "lora", "AdamW (lora)")  # cases that call no randmask kernel
 
 
 def cases(device):
@@ -81,15 +87,26 @@ def main():
     parser.add_argument("--calls", type=int, default=300, help="calls per round")
     parser.add_argument("--rounds", type=int, default=7, help="rounds; the fastest one counts")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier)")
+    parser.add_argument("--backends", default="",
+                        help="comma-separated RANDMASK_BACKEND values to compare (default: the default backend only)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    found = cases(device)
-    us = {name: per_call_us(fn, device, args.calls, args.rounds) for name, fn in found.items()}
-    title = (f"Host cost per call, {machine_name(device)}, backend {kernel_backend(device)}; 64x64 layer, 8 tokens, "
-             f"n = 4; min over {args.rounds} rounds of {args.calls} calls")
-    rows = [[name, f"{value:.1f}", f"{value / us['frozen']:.2f}"] for name, value in us.items()]
-    markdown = f"{title}\n\n" + markdown_table(["case", "µs per call", "× frozen fwd+bwd"], rows)
+    rows, us = [], {}
+    for backend in args.backends.split(",") if args.backends else [None]:
+        if backend:
+            os.environ["RANDMASK_BACKEND"] = backend
+        label = kernel_backend(device)  # raises here, before any timing, for a backend this machine lacks
+        for name, fn in cases(device).items():
+            if name in BACKEND_FREE and name in us:
+                continue
+            key = name if name in BACKEND_FREE else f"{name} [{label}]"
+            us[key] = per_call_us(fn, device, args.calls, args.rounds)
+            rows.append([name, "–" if name in BACKEND_FREE else label, f"{us[key]:.1f}",
+                         f"{us[key] / us['frozen']:.2f}"])
+    title = (f"Host cost per call, {machine_name(device)}; 64x64 layer, 8 tokens, n = 4; min over {args.rounds} "
+             f"rounds of {args.calls} calls")
+    markdown = f"{title}\n\n" + markdown_table(["case", "backend", "µs per call", "× frozen fwd+bwd"], rows)
     print(markdown)
     write_results(f"overhead_{device.type}", {"title": title, "us": us, "args": vars(args)}, markdown)
 

@@ -7,9 +7,9 @@
 Methods (all do the same math: AdamW with decoupled weight decay on the fp32 delta, then
 weight[r_k, c_k] = weight dtype(fp32(base_k) + delta_k) for the n masked positions):
   MaskedAdamW          randmask.optim.MaskedAdamW.step(): on CUDA one fused Triton pass (AdamW + the weight write,
-                       positions computed from the hash, no index tensors); on CPU torch's single-tensor AdamW ops,
-                       then the native sparse write (or, without the native library, an index_put with the layer's
-                       cached positions).
+                       positions computed from the hash, no index tensors); on CPU torch's fused AdamW kernel (the
+                       one AdamW(fused=True) runs), then the native sparse write (or, without the native library,
+                       torch's single-tensor AdamW ops and an index_put with the layer's cached positions).
   AdamW(fused)+index   torch.optim.AdamW(fused=True) on the deltas, then weight.index_put_((rows, cols), merged) with
                        cached int64 positions: what one would write without the fused kernel.
   AdamW(foreach)+index torch.optim.AdamW(foreach=True), then the same index_put_.
@@ -177,7 +177,7 @@ def main():
     shape = tuple(int(v) for v in args.shape.lower().split("x"))
     data = {"machine": machine_name(device), "device": device.type, "shape": shape, "load_before": load_average(),
             "masked_adamw_path": ("the fused Triton kernel" if use_triton(device) else
-                                  "torch's single-tensor AdamW ops, then the native sparse write"
+                                  "torch's fused AdamW kernel, then the native sparse write"
                                   if kernel_backend(device) == "native" else
                                   "the torch twin (AdamW ops + index_put, cached positions)"),
             "sync_backend": kernel_backend(device), "hyper": HYPER, "methods": METHODS, "rows": []}

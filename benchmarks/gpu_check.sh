@@ -1,28 +1,23 @@
 #!/usr/bin/env bash
-# gpu_check.sh: the checks that need a GPU (H100 / H200), as one prepared script that finishes in < 8 minutes.
+# gpu_check.sh: the checks that need a GPU (H100 / H200), as one prepared script; the default run takes ~7 min.
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]      results in OUT_DIR (default: $OUT, else benchmarks/results/gpu)
+#   bash benchmarks/gpu_check.sh [OUT_DIR] [SECTION ...]    results in OUT_DIR (default: $OUT, else
+#                                                          benchmarks/results/gpu); sections default to
+#                                                          "triton micro e2e e2e-8b"; "all" adds cuda-backend
 #
-# Budget (each step under `timeout`; measured on an H200, 2026-11-26): start-up + triton + masked-gradient + update
-# + the cuda-backend section ~180 s, positions ~30 s, end to end ~220 s (10 processes): ~7 min.
-#
-# Section "triton": every Triton kernel vs its torch twin in fp32 / fp16 / bf16 (benchmarks/check_triton_gpu.py).
-# Section "benchmarks": bench_masked_grad (4096-wide bf16, 8192 tokens), bench_positions, bench_update and the
-# 1B-shaped bf16 end-to-end run of bench_e2e (frozen floor, randmask, LoRA, SHiRA, naive, full); the official code's
-# masked-gradient ways are columns of bench_masked_grad. Tables packed into OUT_DIR/results_cuda.tgz.
-# Section "cuda-backend" (issue 6): builds the CUDA C++ backend (kernels/csrc/native_cuda.cu, RANDMASK_BACKEND=cuda)
-# with CMake, then on the GPU
-#   1. correctness: masked gradient vs the torch gather twin (fp32 / fp16 / bf16, 1xN, Nx1, primes, n = 0, n = N,
-#      T = 0, strided inputs; rtol 1e-5), gather and sparse update bit-exact vs the twins, the fused AdamW
-#      (masked_adamw_cuda) vs masked_adamw_torch and masked_adamw_triton over 3 steps, and a MaskedLinear with
-#      RANDMASK_BACKEND=cuda vs RANDMASK_BACKEND=torch;
-#   2. timing (ms, median of 20, CUDA-synchronised): masked gradient cuda vs triton-gather vs triton-dense vs the
-#      torch dense twin (cuBLAS) at SmolLM2-135M shapes (512 tokens) and 4096x4096 (4096 tokens), densities
-#      1e-4 .. 1e-1, fp32 / fp16 / bf16, with the density where the dense twin first beats the CUDA gather (the
-#      value DENSE_DENSITY_CUDA in kernels/native.py should take); the fused AdamW step cuda vs Triton vs torch.
-# Everything is printed and appended to OUT_DIR/gpu_check.txt; the tables also go to benchmarks/results/cuda_backend.json
-# (packed with the rest).
-# Each Python step runs under `timeout`, so a hang cannot eat the machine's budget.
+# Sections and their time limits (each Python step runs under `timeout`, so a hang cannot eat the lease):
+#   triton        every Triton kernel vs its torch twin in fp32 / fp16 / bf16 (check_triton_gpu.py)       <= 90 s
+#   micro         bench_masked_grad (4096-wide bf16 at 8192 and 512 tokens; the official code's ways are
+#                 columns), bench_update, bench_overhead (host cost per layer)                            <= 140 s
+#   e2e           bench_e2e, Llama-1B shape, bf16, q,v and all-linear: frozen floor, randmask, LoRA, SHiRA,
+#                 naive, full (the floor and full run once for both settings: 10 processes)             <= 250 s
+#   e2e-8b        bench_e2e, Llama-3-8B shape, bf16, q,v: frozen floor, randmask, LoRA (3 processes)      <= 110 s
+#   cuda-backend  (issue 6) builds kernels/csrc/native_cuda.cu with CMake, checks it against the twins, times it
+#                 against Triton and the dense twin, and compares the host cost of Triton and CUDA C++ launches
+# Measured on an H200 (2026-11-26): e2e ~22 s per process (mostly start-up). The limits add up to ~9.5 min, the
+# default run should take ~7: call the device with a timeout of 600 s.
+# Tables are packed into OUT_DIR/results_cuda.tgz after every step (a lease returns only a few files, and a run cut
+# short keeps what it had packed); the log is OUT_DIR/gpu_check.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-benchmarks/results/gpu}}"
@@ -35,7 +30,12 @@ save_results() { tar czf "$OUT_DIR/results_cuda.tgz" benchmarks/results/*cuda* 2
 exec > >(tee -a "$LOG") 2>&1
 PY="${PYTHON:-python3}"  # the device image's python3 holds torch; there may be no `python`
 START=$(date +%s)
-echo "== gpu_check $(date -u +%FT%TZ) on $(hostname)"
+shift $(( $# > 0 ? 1 : 0 ))
+SECTIONS=" ${*:-triton micro e2e e2e-8b} "
+[[ "$SECTIONS" == *" all "* ]] && SECTIONS=" triton micro e2e e2e-8b cuda-backend "
+want() { [[ "$SECTIONS" == *" $1 "* ]]; }
+elapsed() { echo "($(( $(date +%s) - START )) s so far)"; }
+echo "== gpu_check $(date -u +%FT%TZ) on $(hostname); sections:$SECTIONS"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
                  'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())" || { echo "no torch"; exit 1; }
@@ -50,35 +50,44 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "import randmask, randmask.kernels; print('randmask from', randmask.__file__)" || exit 1
 
 # ------------------------------------------------------------------------------------------------ triton
-# Every Triton kernel against its torch twin on the GPU, fp32 / fp16 / bf16 (benchmarks/check_triton_gpu.py).
-echo
-echo "== section triton: kernels vs torch twins"
-timeout 90 $PY benchmarks/check_triton_gpu.py
-echo "triton check exit status $?"
+if want triton; then
+  echo; echo "== section triton: kernels vs torch twins $(elapsed)"
+  timeout 90 $PY benchmarks/check_triton_gpu.py
+  echo "triton check exit status $?"
+fi
 
-# ------------------------------------------------------------------------------------------------ benchmarks
-# The microbenchmarks and the 1B-shaped end-to-end comparison (issue 5).
-echo
-echo "== section benchmarks"
-timeout 75 $PY benchmarks/bench_masked_grad.py --device cuda --dtype bfloat16 --shapes 4096x4096,4096x14336 \
-  --tokens 8192 --densities 1e-5,1e-4,1e-3,1e-2,3e-2 --repeats 5
-echo "masked-grad (8192 tokens) exit status $?"; save_results
-timeout 30 $PY benchmarks/bench_masked_grad.py --device cuda --dtype bfloat16 --shapes 4096x4096 \
-  --tokens 512 --densities 1e-5,1e-4,1e-3,1e-2,3e-2,1e-1 --repeats 5
-echo "masked-grad (512 tokens) exit status $?"; save_results
-timeout 40 $PY benchmarks/bench_positions.py --device cuda --repeats 5 --skip-model --densities 1e-4 --tag 1e-4
-echo "positions exit status $?"; save_results
-timeout 30 $PY benchmarks/bench_update.py --device cuda
-echo "update exit status $?"; save_results
-timeout 30 $PY benchmarks/bench_overhead.py --device cuda  # host cost per layer: what a host-bound step pays
-echo "overhead exit status $?"; save_results
-# one round: each method is its own process, ~22 s each on an H200 VM (start-up, 1B model); the naive dense-masked
-# model is left to the CPU table (measured once on an H200: all-linear 1.58x the floor, 3.3x the floor's memory)
-echo "($(( $(date +%s) - START )) s so far)"
-timeout 250 $PY benchmarks/bench_e2e.py --device cuda --shape 1b --dtype bfloat16 --steps 10 --warmup 3 \
-  --rounds 1 --methods frozen,randmask,lora,shira,full
-echo "e2e exit status $?"
-save_results
+# ------------------------------------------------------------------------------------------------ micro
+if want micro; then
+  echo; echo "== section micro $(elapsed)"
+  timeout 60 $PY benchmarks/bench_masked_grad.py --device cuda --dtype bfloat16 --shapes 4096x4096,4096x14336 \
+    --tokens 8192 --densities 1e-5,1e-4,1e-3,1e-2,3e-2 --repeats 5
+  echo "masked-grad (8192 tokens) exit status $?"; save_results
+  timeout 25 $PY benchmarks/bench_masked_grad.py --device cuda --dtype bfloat16 --shapes 4096x4096 \
+    --tokens 512 --densities 1e-5,1e-4,1e-3,1e-2,3e-2,1e-1 --repeats 5
+  echo "masked-grad (512 tokens) exit status $?"; save_results
+  timeout 25 $PY benchmarks/bench_update.py --device cuda
+  echo "update exit status $?"; save_results
+  timeout 30 $PY benchmarks/bench_overhead.py --device cuda  # host cost per layer: what a host-bound step pays
+  echo "overhead exit status $?"; save_results
+fi
+
+# ------------------------------------------------------------------------------------------------ e2e
+# One round: each method is its own process, ~22 s each on an H200 VM (start-up, model build).
+if want e2e; then
+  echo; echo "== section e2e (1B) $(elapsed)"
+  timeout 250 $PY benchmarks/bench_e2e.py --device cuda --shape 1b --dtype bfloat16 --steps 10 --warmup 3 --rounds 1
+  echo "e2e 1b exit status $?"; save_results
+fi
+if want e2e-8b; then
+  echo; echo "== section e2e-8b $(elapsed)"
+  timeout 110 $PY benchmarks/bench_e2e.py --device cuda --shape 8b --dtype bfloat16 --steps 10 --warmup 3 \
+    --rounds 1 --settings qv --methods frozen,randmask,lora
+  echo "e2e 8b exit status $?"; save_results
+fi
+if ! want cuda-backend; then
+  echo "== gpu_check done in $(( $(date +%s) - START )) s; log: $LOG"
+  exit 0
+fi
 
 # ------------------------------------------------------------------------------------------------ cuda-backend
 echo
@@ -277,5 +286,9 @@ with open(os.environ["CUDA_BACKEND_JSON"], "w") as f:
 print("wrote", os.environ["CUDA_BACKEND_JSON"])
 PYEOF
 echo "timing exit status $?"
+save_results
+# host cost per layer, Triton launches vs CUDA C++ launches (the 1B step is host-bound: see BENCHMARKS.md)
+timeout 40 $PY benchmarks/bench_overhead.py --device cuda --backends triton,cuda
+echo "overhead (triton vs cuda) exit status $?"
 save_results
 echo "== gpu_check done in $(( $(date +%s) - START )) s; log: $LOG"

@@ -189,20 +189,19 @@ def _launch_masked_grad(x, grad_y, n, key, dense: bool):
     common = (*kernel_mask_args(out_features * in_features, n, key), *x.stride(), *grad_y.stride())
     if n == 0 or T == 0:
         return torch.zeros(n, dtype=torch.float32, device=x.device)
-    g = torch.empty(n, dtype=torch.float32, device=x.device)
-    args = (x, grad_y, g, T, n)
     if not dense:
         blocks = triton.cdiv(n, GATHER_BLOCK_K)
         tokens_per_split = _tokens_per_split(blocks, T, x.device)
         splits = triton.cdiv(T, tokens_per_split)
-        partial = g if splits == 1 else torch.empty(splits, n, dtype=torch.float32, device=x.device)
+        partial = torch.empty(splits * n, dtype=torch.float32, device=x.device)  # (splits, n) partial sums
         masked_grad_gather_kernel[(blocks, splits)](x, grad_y, partial, T, tokens_per_split, n, in_features, *common,
                                                     BLOCK_K=GATHER_BLOCK_K, BLOCK_T=GATHER_BLOCK_T)
-        return g if splits == 1 else torch.sum(partial, 0, out=g)  # a fixed order: deterministic, unlike atomics
+        return partial if splits == 1 else partial.view(splits, n).sum(0)  # fixed order: deterministic, no atomics
+    g = torch.empty(n, dtype=torch.float32, device=x.device)
     half = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
     dot_dtype = half.get(x.dtype, tl.float32) if x.is_cuda and x.dtype == grad_y.dtype else tl.float32
     grid = (triton.cdiv(out_features, DENSE_BLOCK_M) * triton.cdiv(in_features, DENSE_BLOCK_N),)
-    masked_grad_dense_kernel[grid](*args, out_features, in_features, *common, BLOCK_M=DENSE_BLOCK_M,
+    masked_grad_dense_kernel[grid](x, grad_y, g, T, n, out_features, in_features, *common, BLOCK_M=DENSE_BLOCK_M,
                                    BLOCK_N=DENSE_BLOCK_N, BLOCK_T=DENSE_BLOCK_T, GROUP_M=DENSE_GROUP_M,
                                    DOT_DTYPE=dot_dtype)
     return g

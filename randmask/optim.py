@@ -4,16 +4,22 @@
     loss.backward(); opt.step(); opt.zero_grad()      # weights are merged: no sync at the next forward
 
 For each parameter with a gradient:
-  - the `delta` of a MaskedLinear (found with randmask.layer.layer_of): one fused pass updates delta, exp_avg,
-    exp_avg_sq and writes weight[r_k, c_k] = round(base_k + delta_k) (kernels/masked_adamw.py: the Triton kernel
-    on CUDA tensors, computing positions from the hash; the torch twin with the layer's cached positions on CPU),
+  - the `delta` of a MaskedLinear (found with randmask.layer.layer_of): the AdamW step on delta, exp_avg and
+    exp_avg_sq, and the write weight[r_k, c_k] = round(base_k + delta_k):
+      CUDA tensors: one fused pass that also computes the positions from the hash (kernels/masked_adamw.py: the
+        Triton kernel, or the CUDA C++ one with RANDMASK_BACKEND=cuda);
+      CPU, native kernels built (the default): torch's fused multi-tensor AdamW kernel for all the group's deltas in
+        one call, then each layer's native sparse write;
+      otherwise (RANDMASK_BACKEND=torch): the torch twin, with the layer's cached positions;
     then `layer.mark_synced()` records that the layer needs no sync;
-  - any other parameter (a bias the user unfroze, say): the same AdamW math, no weight write.
+  - any other parameter (a bias the user unfroze, say): the same AdamW math (on CPU with the native kernels, in
+    the same fused call), no weight write.
 
-The result equals torch.optim.AdamW (its default single-tensor step, amsgrad=False, maximize=False) followed by a
-sync: bitwise on CPU (the twin runs torch's ops in torch's order), to fp32 rounding on GPU. The per-parameter state
-has torch's keys and types (`step`: a float32 scalar tensor on the CPU, `exp_avg`, `exp_avg_sq`), so state_dict()
-and load_state_dict() round-trip and a resumed run continues identically.
+The result equals a stock torch.optim.AdamW (amsgrad=False, maximize=False) followed by a sync: bitwise on CPU
+(the native path runs AdamW(fused=True)'s kernel, the torch twin runs the default single-tensor step's ops in
+torch's order), to fp32 rounding on GPU. The per-parameter state has torch's keys and types (`step`: a float32
+scalar tensor on the CPU, `exp_avg`, `exp_avg_sq`), so state_dict() and load_state_dict() round-trip and a resumed
+run continues identically.
 """
 import numbers
 
@@ -108,6 +114,7 @@ class MaskedAdamW(Optimizer):
         for group in self.param_groups:
             hyper = {"lr": float(group["lr"]), "beta1": float(group["betas"][0]), "beta2": float(group["betas"][1]),
                      "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
+            fused_cpu = []  # (layer or None, param, grad, state): the parameters for torch's fused CPU kernel
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -122,13 +129,31 @@ class MaskedAdamW(Optimizer):
                 elif not torch.is_tensor(state["step"]):  # a state saved with a plain number
                     state["step"] = torch.tensor(float(state["step"]), dtype=_scalar_dtype())
                 state["step"] += 1
-                step = state["step"].item()  # a Python float, as torch's single-tensor AdamW uses it
                 layer = layer_of(param)
-                if layer is not None:
-                    self._masked_step(layer, param, grad, state, step, hyper)
+                if kernel_backend(param.device) == "native" and not torch.is_complex(param):
+                    fused_cpu.append((layer, param, grad, state))
+                elif layer is not None:
+                    self._masked_step(layer, param, grad, state, state["step"].item(), hyper)
                 else:
-                    self._plain_step(param, grad, state, step, hyper)
+                    self._plain_step(param, grad, state, state["step"].item(), hyper)
+            if fused_cpu:
+                self._fused_cpu_step(fused_cpu, hyper)
         return loss
+
+    @staticmethod
+    def _fused_cpu_step(batch, hyper) -> None:
+        """CPU parameters with the native kernels built: torch's fused multi-tensor AdamW kernel (the one
+        AdamW(fused=True) runs: one vectorised pass per tensor where the single-tensor ops make several, and one
+        call for the whole group) on all of them, then the native sparse write of each masked layer."""
+        layers, params, grads, states = zip(*batch)
+        torch._fused_adamw_(list(params), list(grads), [s["exp_avg"] for s in states],
+                            [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], amsgrad=False,
+                            lr=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"],
+                            weight_decay=hyper["weight_decay"], eps=hyper["eps"], maximize=False)
+        for layer, delta in zip(layers, params):
+            if layer is not None:
+                sparse_update(layer.weight, layer.base, delta, layer.mask)
+                layer.mark_synced()
 
     @staticmethod
     def _masked_step(layer, delta, grad, state, step, hyper) -> None:
@@ -141,9 +166,6 @@ class MaskedAdamW(Optimizer):
             # The kernel writes through pointers; bump the version counters as the in-place torch ops of the CPU
             # path do, so autograd still catches a graph that saved the old weight being backpropagated later.
             increment_version((delta, weight, state["exp_avg"], state["exp_avg_sq"]))
-        elif backend == "native":  # the AdamW math of the twin, then the native sparse write (bit-identical)
-            masked_adamw_op.adamw_torch(delta, grad, state["exp_avg"], state["exp_avg_sq"], step=step, **hyper)
-            sparse_update(weight, layer.base, delta, layer.mask)
         else:
             masked_adamw_op.masked_adamw_torch(*args, step=step, positions=layer.mask.positions(weight.device),
                                                **hyper)

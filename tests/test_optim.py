@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import randmask.layer as layer_module
 from randmask import MaskedLinear
 from randmask.kernels import masked_adamw as ma
+from randmask.kernels import native
 from randmask.optim import MaskedAdamW
 
 HYPER = {"lr": 3e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
@@ -70,18 +71,26 @@ def mask_of(layer):
 
 
 # ---------------------------------------------------------------- (a) against torch.optim.AdamW + sync, CPU
-@pytest.mark.usefixtures("torch_backend")
+# The CPU backends and the stock AdamW each reproduces bitwise: the torch twin runs the default single-tensor step's
+# ops in torch's order; the native path runs the kernel of AdamW(fused=True).
+CPU_REFERENCES = {"torch": {"foreach": False}, "native": {"fused": True}}
+
+
+@pytest.mark.parametrize("backend", sorted(CPU_REFERENCES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_matches_adamw_then_sync(dtype):
+def test_matches_adamw_then_sync(dtype, backend, monkeypatch):
+    if backend == "native" and not native.HAS_NATIVE:
+        pytest.skip(f"native kernels not built: {native.NATIVE_REASON}")
+    monkeypatch.setenv("RANDMASK_BACKEND", backend)
     ours, ref = make_tiny(dtype), make_tiny(dtype)
     initial = [layer.weight.detach().clone() for layer in ours.masked()]
     opt = MaskedAdamW(ours.parameters(), **HYPER)  # frozen weights and biases are in there, and skipped
-    ref_opt = torch.optim.AdamW(ref.parameters(), **HYPER, foreach=False)  # the default single-tensor step
+    ref_opt = torch.optim.AdamW(ref.parameters(), **HYPER, **CPU_REFERENCES[backend])
     for x, target in batches(20, dtype):
         train(ours, opt, [(x, target)])
         train(ref, ref_opt, [(x, target)])
-        # The torch twin runs torch's own ops in torch's order, then the same sparse update as sync: the gradients,
-        # hence everything after, are bitwise equal (no 1-ulp allowance needed on CPU).
+        # Same gradients (same kernels), the same AdamW arithmetic, then the same sparse update as sync: everything
+        # is bitwise equal (no 1-ulp allowance needed on CPU).
         for layer, ref_layer, w0 in zip(ours.masked(), ref.masked(), initial):
             ref_layer.sync()  # idempotent: makes the reference's merged weight current whatever the sync policy
             state, ref_state = opt.state[layer.delta], ref_opt.state[ref_layer.delta]

@@ -210,40 +210,55 @@ inline bool four_in_row(const uint32_t* row, int64_t i, int64_t i1) {
     return i + 3 < i1 && row[i + 1] == r && row[i + 2] == r && row[i + 3] == r;
 }
 
-void dot_slots_portable(const float* __restrict gyt, const float* __restrict xt, int64_t ld,
-                        const uint32_t* __restrict slot, const uint32_t* __restrict row,
-                        const uint32_t* __restrict col, int64_t i0, int64_t i1, float* __restrict g) {
+// The walk over the entries, shared by every ISA. Dot supplies the arithmetic: four(a, b0, b1, b2, b3, ld, s) sets
+// s[j] = dot(a, bj), one(a, b, ld) returns dot(a, b). Each ISA's entry point below is flattened (everything it
+// calls is inlined into it), so the walk and that ISA's Dot are compiled together for its target.
+template <class Dot>
+inline void walk_slots(const float* __restrict gyt, const float* __restrict xt, int64_t ld,
+                       const uint32_t* __restrict slot, const uint32_t* __restrict row,
+                       const uint32_t* __restrict col, int64_t i0, int64_t i1, float* __restrict g) {
     int64_t i = i0;
     while (i < i1) {
         const float* a = gyt + (int64_t)row[i] * ld;
         if (four_in_row(row, i, i1)) {
-            const float* b0 = xt + (int64_t)col[i] * ld;
-            const float* b1 = xt + (int64_t)col[i + 1] * ld;
-            const float* b2 = xt + (int64_t)col[i + 2] * ld;
-            const float* b3 = xt + (int64_t)col[i + 3] * ld;
-            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-            for (int64_t t = 0; t < ld; ++t) {
-                const float av = a[t];
-                s0 += av * b0[t];
-                s1 += av * b1[t];
-                s2 += av * b2[t];
-                s3 += av * b3[t];
-            }
-            g[slot ? slot[i] : i] += s0;
-            g[slot ? slot[i + 1] : i + 1] += s1;
-            g[slot ? slot[i + 2] : i + 2] += s2;
-            g[slot ? slot[i + 3] : i + 3] += s3;
+            float s[4];
+            Dot::four(a, xt + (int64_t)col[i] * ld, xt + (int64_t)col[i + 1] * ld, xt + (int64_t)col[i + 2] * ld,
+                      xt + (int64_t)col[i + 3] * ld, ld, s);
+            for (int j = 0; j < 4; ++j) g[slot ? slot[i + j] : i + j] += s[j];
             i += 4;
         } else {
-            const float* b = xt + (int64_t)col[i] * ld;
-            float s = 0.f;
-#pragma omp simd reduction(+ : s)
-            for (int64_t t = 0; t < ld; ++t) s += a[t] * b[t];
-            g[slot ? slot[i] : i] += s;
+            g[slot ? slot[i] : i] += Dot::one(a, xt + (int64_t)col[i] * ld, ld);
             ++i;
         }
     }
+}
+
+struct DotPortable {
+    static void four(const float* __restrict a, const float* __restrict b0, const float* __restrict b1,
+                     const float* __restrict b2, const float* __restrict b3, int64_t ld, float* s) {
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t t = 0; t < ld; ++t) {
+            const float av = a[t];
+            s0 += av * b0[t];
+            s1 += av * b1[t];
+            s2 += av * b2[t];
+            s3 += av * b3[t];
+        }
+        s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;
+    }
+    static float one(const float* __restrict a, const float* __restrict b, int64_t ld) {
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t t = 0; t < ld; ++t) s += a[t] * b[t];
+        return s;
+    }
+};
+
+__attribute__((flatten)) void dot_slots_portable(const float* gyt, const float* xt, int64_t ld, const uint32_t* slot,
+                                                 const uint32_t* row, const uint32_t* col, int64_t i0, int64_t i1,
+                                                 float* g) {
+    walk_slots<DotPortable>(gyt, xt, ld, slot, row, col, i0, i1, g);
 }
 
 #if RANDMASK_X86
@@ -259,57 +274,15 @@ inline float hsum512(__m512 v) {
     return _mm_cvtss_f32(s);
 }
 
-RANDMASK_TARGET("avx512f")
-void dot_slots_avx512(const float* __restrict gyt, const float* __restrict xt, int64_t ld,
-                      const uint32_t* __restrict slot, const uint32_t* __restrict row,
-                      const uint32_t* __restrict col, int64_t i0, int64_t i1, float* __restrict g) {
-    int64_t i = i0;
-    while (i < i1) {
-        const float* a = gyt + (int64_t)row[i] * ld;
-        if (four_in_row(row, i, i1)) {
-            const float* b0 = xt + (int64_t)col[i] * ld;
-            const float* b1 = xt + (int64_t)col[i + 1] * ld;
-            const float* b2 = xt + (int64_t)col[i + 2] * ld;
-            const float* b3 = xt + (int64_t)col[i + 3] * ld;
-            __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, u0 = s0, u1 = s0, u2 = s0, u3 = s0;
-            int64_t t = 0;
-            for (; t + 32 <= ld; t += 32) {
-                const __m512 a0 = _mm512_load_ps(a + t), a1 = _mm512_load_ps(a + t + 16);
-                s0 = _mm512_fmadd_ps(a0, _mm512_load_ps(b0 + t), s0);
-                s1 = _mm512_fmadd_ps(a0, _mm512_load_ps(b1 + t), s1);
-                s2 = _mm512_fmadd_ps(a0, _mm512_load_ps(b2 + t), s2);
-                s3 = _mm512_fmadd_ps(a0, _mm512_load_ps(b3 + t), s3);
-                u0 = _mm512_fmadd_ps(a1, _mm512_load_ps(b0 + t + 16), u0);
-                u1 = _mm512_fmadd_ps(a1, _mm512_load_ps(b1 + t + 16), u1);
-                u2 = _mm512_fmadd_ps(a1, _mm512_load_ps(b2 + t + 16), u2);
-                u3 = _mm512_fmadd_ps(a1, _mm512_load_ps(b3 + t + 16), u3);
-            }
-            if (t < ld) {
-                const __m512 a0 = _mm512_load_ps(a + t);
-                s0 = _mm512_fmadd_ps(a0, _mm512_load_ps(b0 + t), s0);
-                s1 = _mm512_fmadd_ps(a0, _mm512_load_ps(b1 + t), s1);
-                s2 = _mm512_fmadd_ps(a0, _mm512_load_ps(b2 + t), s2);
-                s3 = _mm512_fmadd_ps(a0, _mm512_load_ps(b3 + t), s3);
-            }
-            g[slot ? slot[i] : i] += hsum512(_mm512_add_ps(s0, u0));
-            g[slot ? slot[i + 1] : i + 1] += hsum512(_mm512_add_ps(s1, u1));
-            g[slot ? slot[i + 2] : i + 2] += hsum512(_mm512_add_ps(s2, u2));
-            g[slot ? slot[i + 3] : i + 3] += hsum512(_mm512_add_ps(s3, u3));
-            i += 4;
-        } else {
-            const float* b = xt + (int64_t)col[i] * ld;
-            __m512 s0 = _mm512_setzero_ps(), s1 = s0;
-            int64_t t = 0;
-            for (; t + 32 <= ld; t += 32) {
-                s0 = _mm512_fmadd_ps(_mm512_load_ps(a + t), _mm512_load_ps(b + t), s0);
-                s1 = _mm512_fmadd_ps(_mm512_load_ps(a + t + 16), _mm512_load_ps(b + t + 16), s1);
-            }
-            if (t < ld) s0 = _mm512_fmadd_ps(_mm512_load_ps(a + t), _mm512_load_ps(b + t), s0);
-            g[slot ? slot[i] : i] += hsum512(_mm512_add_ps(s0, s1));
-            ++i;
-        }
-    }
-}
+// Avx512 / Avx2: one ISA's vector of W floats (ld, a multiple of 16, is walked 2W floats a step, then W at a time).
+struct Avx512 {
+    using V = __m512;
+    static constexpr int64_t W = 16;
+    RANDMASK_TARGET("avx512f") static V zero() { return _mm512_setzero_ps(); }
+    RANDMASK_TARGET("avx512f") static V load(const float* p) { return _mm512_load_ps(p); }
+    RANDMASK_TARGET("avx512f") static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    RANDMASK_TARGET("avx512f") static float sum(V a, V b) { return hsum512(_mm512_add_ps(a, b)); }
+};
 
 RANDMASK_TARGET("avx2,fma")
 inline float hsum256(__m256 v) {
@@ -319,46 +292,69 @@ inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-RANDMASK_TARGET("avx2,fma")
-void dot_slots_avx2(const float* __restrict gyt, const float* __restrict xt, int64_t ld,
-                    const uint32_t* __restrict slot, const uint32_t* __restrict row, const uint32_t* __restrict col,
-                    int64_t i0, int64_t i1, float* __restrict g) {
-    int64_t i = i0;
-    while (i < i1) {
-        const float* a = gyt + (int64_t)row[i] * ld;
-        if (four_in_row(row, i, i1)) {
-            const float* b0 = xt + (int64_t)col[i] * ld;
-            const float* b1 = xt + (int64_t)col[i + 1] * ld;
-            const float* b2 = xt + (int64_t)col[i + 2] * ld;
-            const float* b3 = xt + (int64_t)col[i + 3] * ld;
-            __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, u0 = s0, u1 = s0, u2 = s0, u3 = s0;
-            for (int64_t t = 0; t < ld; t += 16) {  // ld is a multiple of 16
-                const __m256 a0 = _mm256_load_ps(a + t), a1 = _mm256_load_ps(a + t + 8);
-                s0 = _mm256_fmadd_ps(a0, _mm256_load_ps(b0 + t), s0);
-                s1 = _mm256_fmadd_ps(a0, _mm256_load_ps(b1 + t), s1);
-                s2 = _mm256_fmadd_ps(a0, _mm256_load_ps(b2 + t), s2);
-                s3 = _mm256_fmadd_ps(a0, _mm256_load_ps(b3 + t), s3);
-                u0 = _mm256_fmadd_ps(a1, _mm256_load_ps(b0 + t + 8), u0);
-                u1 = _mm256_fmadd_ps(a1, _mm256_load_ps(b1 + t + 8), u1);
-                u2 = _mm256_fmadd_ps(a1, _mm256_load_ps(b2 + t + 8), u2);
-                u3 = _mm256_fmadd_ps(a1, _mm256_load_ps(b3 + t + 8), u3);
-            }
-            g[slot ? slot[i] : i] += hsum256(_mm256_add_ps(s0, u0));
-            g[slot ? slot[i + 1] : i + 1] += hsum256(_mm256_add_ps(s1, u1));
-            g[slot ? slot[i + 2] : i + 2] += hsum256(_mm256_add_ps(s2, u2));
-            g[slot ? slot[i + 3] : i + 3] += hsum256(_mm256_add_ps(s3, u3));
-            i += 4;
-        } else {
-            const float* b = xt + (int64_t)col[i] * ld;
-            __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-            for (int64_t t = 0; t < ld; t += 16) {
-                s0 = _mm256_fmadd_ps(_mm256_load_ps(a + t), _mm256_load_ps(b + t), s0);
-                s1 = _mm256_fmadd_ps(_mm256_load_ps(a + t + 8), _mm256_load_ps(b + t + 8), s1);
-            }
-            g[slot ? slot[i] : i] += hsum256(_mm256_add_ps(s0, s1));
-            ++i;
+struct Avx2 {
+    using V = __m256;
+    static constexpr int64_t W = 8;
+    RANDMASK_TARGET("avx2,fma") static V zero() { return _mm256_setzero_ps(); }
+    RANDMASK_TARGET("avx2,fma") static V load(const float* p) { return _mm256_load_ps(p); }
+    RANDMASK_TARGET("avx2,fma") static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    RANDMASK_TARGET("avx2,fma") static float sum(V a, V b) { return hsum256(_mm256_add_ps(a, b)); }
+};
+
+// The dot products with an ISA's vectors: two FMA chains per product (s* over the first W floats of each 2W step,
+// u* over the second), added at the end.
+template <class Simd>
+struct DotSimd {
+    using V = typename Simd::V;
+    static constexpr int64_t W = Simd::W;
+    static void four(const float* __restrict a, const float* __restrict b0, const float* __restrict b1,
+                     const float* __restrict b2, const float* __restrict b3, int64_t ld, float* s) {
+        V s0 = Simd::zero(), s1 = s0, s2 = s0, s3 = s0, u0 = s0, u1 = s0, u2 = s0, u3 = s0;
+        int64_t t = 0;
+        for (; t + 2 * W <= ld; t += 2 * W) {
+            const V a0 = Simd::load(a + t), a1 = Simd::load(a + t + W);
+            s0 = Simd::fma(a0, Simd::load(b0 + t), s0);
+            s1 = Simd::fma(a0, Simd::load(b1 + t), s1);
+            s2 = Simd::fma(a0, Simd::load(b2 + t), s2);
+            s3 = Simd::fma(a0, Simd::load(b3 + t), s3);
+            u0 = Simd::fma(a1, Simd::load(b0 + t + W), u0);
+            u1 = Simd::fma(a1, Simd::load(b1 + t + W), u1);
+            u2 = Simd::fma(a1, Simd::load(b2 + t + W), u2);
+            u3 = Simd::fma(a1, Simd::load(b3 + t + W), u3);
         }
+        for (; t < ld; t += W) {
+            const V a0 = Simd::load(a + t);
+            s0 = Simd::fma(a0, Simd::load(b0 + t), s0);
+            s1 = Simd::fma(a0, Simd::load(b1 + t), s1);
+            s2 = Simd::fma(a0, Simd::load(b2 + t), s2);
+            s3 = Simd::fma(a0, Simd::load(b3 + t), s3);
+        }
+        s[0] = Simd::sum(s0, u0), s[1] = Simd::sum(s1, u1), s[2] = Simd::sum(s2, u2), s[3] = Simd::sum(s3, u3);
     }
+    static float one(const float* __restrict a, const float* __restrict b, int64_t ld) {
+        V s0 = Simd::zero(), s1 = s0;
+        int64_t t = 0;
+        for (; t + 2 * W <= ld; t += 2 * W) {
+            s0 = Simd::fma(Simd::load(a + t), Simd::load(b + t), s0);
+            s1 = Simd::fma(Simd::load(a + t + W), Simd::load(b + t + W), s1);
+        }
+        for (; t < ld; t += W) s0 = Simd::fma(Simd::load(a + t), Simd::load(b + t), s0);
+        return Simd::sum(s0, s1);
+    }
+};
+
+RANDMASK_TARGET("avx512f")
+__attribute__((flatten)) void dot_slots_avx512(const float* gyt, const float* xt, int64_t ld, const uint32_t* slot,
+                                               const uint32_t* row, const uint32_t* col, int64_t i0, int64_t i1,
+                                               float* g) {
+    walk_slots<DotSimd<Avx512>>(gyt, xt, ld, slot, row, col, i0, i1, g);
+}
+
+RANDMASK_TARGET("avx2,fma")
+__attribute__((flatten)) void dot_slots_avx2(const float* gyt, const float* xt, int64_t ld, const uint32_t* slot,
+                                             const uint32_t* row, const uint32_t* col, int64_t i0, int64_t i1,
+                                             float* g) {
+    walk_slots<DotSimd<Avx2>>(gyt, xt, ld, slot, row, col, i0, i1, g);
 }
 #endif
 
