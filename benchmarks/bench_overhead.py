@@ -18,11 +18,12 @@ where the kernels themselves take microseconds:
 Microseconds per call: the minimum over --rounds rounds of --calls calls each (synchronized once per round, so
 launches overlap as they do in training). With --backends, the randmask cases are measured under each
 RANDMASK_BACKEND in turn (frozen, lora and AdamW (lora) do not depend on it and are measured once).
-Writes benchmarks/results/overhead_<device>.{md,json}.
+Writes benchmarks/results/overhead_<device>.{md,json,png}.
 """
 import argparse
 import os
 import sys
+import textwrap
 import time
 
 import torch
@@ -81,6 +82,22 @@ def cases(device):
     }
 
 
+def plot(data, path):
+    """Horizontal bars: µs per call of every case (and backend), the frozen layer's forward + backward marked."""
+    import matplotlib.pyplot as plt
+
+    names, values = list(data["us"]), list(data["us"].values())
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
+    ax.barh(names, values, color=["tab:gray" if name in BACKEND_FREE else "tab:red" for name in names])
+    ax.axvline(data["us"]["frozen"], color="black", linewidth=0.8, linestyle="--", label="frozen fwd+bwd")
+    ax.invert_yaxis()
+    ax.set_xlabel("µs per call (host)")
+    ax.legend(fontsize=8)
+    ax.set_title("\n".join(textwrap.wrap(data["title"], 90)), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -108,7 +125,7 @@ def main():
              f"rounds of {args.calls} calls")
     markdown = f"{title}\n\n" + markdown_table(["case", "backend", "µs per call", "× frozen fwd+bwd"], rows)
     print(markdown)
-    write_results(f"overhead_{device.type}", {"title": title, "us": us, "args": vars(args)}, markdown)
+    write_results(f"overhead_{device.type}", {"title": title, "us": us, "args": vars(args)}, markdown, plot)
 
 
 if __name__ == "__main__":
