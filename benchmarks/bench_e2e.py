@@ -9,7 +9,7 @@ forward + backward + AdamW step; --rounds repeats all methods interleaved and ke
 frozen floor (every weight frozen, input gradients still computed: the work no method can avoid) and full
 fine-tuning do not depend on the targets: each round runs them once and every setting's table shows that run.
 Reports step time and peak memory as ratios to LoRA and to the frozen floor, and the adapter file size.
-Writes benchmarks/results/e2e_<device>_<shape>.{json,md,png}.
+Writes benchmarks/results/e2e_<device>_<shape>_<dtype>[_compile-<mode>].{json,md,png}.
 """
 import argparse
 import json
@@ -119,8 +119,10 @@ def prepare(args):
     gen = torch.Generator().manual_seed(1)
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=gen).to(args.device)
 
+    forward = model if args.compile == "none" else torch.compile(model, mode=args.compile)
+
     def step():
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = forward(input_ids=batch, labels=batch).loss
         loss.backward()
         if opt is not None:
             opt.step()
@@ -172,13 +174,17 @@ def add_step_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead"],
+                        help="torch.compile every method's forward + backward with this mode (reduce-overhead: CUDA "
+                             "graphs; compile time falls in the warm-up steps): how much of a host-bound GPU step is "
+                             "Python and launch cost. The AdamW step stays eager. Default none")
 
 
 def run_in_process(args, method, setting):
     """One method's measurements from a fresh process (so its peak memory is its own), or None if it failed."""
     cmd = [sys.executable, __file__, "--method", method, "--setting", setting, "--shape", args.shape,
            "--dtype", args.dtype, "--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq),
-           "--warmup", str(args.warmup), "--steps", str(args.steps)]
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--compile", args.compile]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         print(f"{setting}/{method} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -202,7 +208,7 @@ def main():
         return run_method(args)
     RESULTS.mkdir(exist_ok=True)
     results = {"machine": machine_name(args.device), "shape": args.shape, "dtype": args.dtype,
-               "batch": args.batch, "seq": args.seq, "rounds": args.rounds}
+               "batch": args.batch, "seq": args.seq, "rounds": args.rounds, "compile": args.compile}
     settings = args.settings.split(",")
     results["settings"] = {setting: {} for setting in settings}
     # Rounds outermost, so that within a round every method of every setting runs minutes apart: drift on a shared
@@ -226,7 +232,8 @@ def main():
                     rows[method] = dict(row)  # the fastest round's median: the least disturbed
                 rows[method]["rounds_s"] = every_round + [row["step_s"]]
             # written after every setting, so a run cut short (a GPU lease's time limit) keeps what it measured
-            stem = RESULTS / f"e2e_{args.device}_{args.shape}_{args.dtype}"
+            compiled = "" if args.compile == "none" else f"_compile-{args.compile}"
+            stem = RESULTS / f"e2e_{args.device}_{args.shape}_{args.dtype}{compiled}"
             stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
             stem.with_suffix(".md").write_text(markdown(results))
             plot(results, stem.with_suffix(".png"))
@@ -245,7 +252,9 @@ def by_round(row, ref) -> str:
 def markdown(results) -> str:
     lines = [f"Machine: {results['machine']}; shape {results['shape']}, {results['dtype']}, batch "
              f"{results['batch']} x {results['seq']} tokens; median step (forward + backward + AdamW), "
-             f"fastest of {results.get('rounds', 1)} interleaved rounds, each method in its own process.", ""]
+             f"fastest of {results.get('rounds', 1)} interleaved rounds, each method in its own process"
+             + (f"; torch.compile mode {results['compile']}" if results.get("compile", "none") != "none" else "")
+             + ".", ""]
     for setting, rows in results["settings"].items():
         if not rows:
             continue

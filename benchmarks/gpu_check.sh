@@ -5,6 +5,7 @@
 #                                                          benchmarks/results/gpu); sections default to
 #                                                          "triton micro e2e"; "all" is every section
 #   bash benchmarks/gpu_check.sh "$OUT" e2e-8b             the 8B-shaped run alone (~2 min), as a second call
+#   bash benchmarks/gpu_check.sh "$OUT" e2e-compile        the 1B q,v step compiled with CUDA graphs (~5 min)
 #
 # Sections and their time limits (each Python step runs under `timeout`, so a hang cannot eat the lease):
 #   triton        every Triton kernel vs its torch twin in fp32 / fp16 / bf16 (check_triton_gpu.py)       <= 90 s
@@ -13,6 +14,9 @@
 #   e2e           bench_e2e, Llama-1B shape, bf16, q,v and all-linear: frozen floor, randmask, LoRA, SHiRA,
 #                 naive, full (the floor and full run once for both settings: 10 processes)             <= 300 s
 #   e2e-8b        bench_e2e, Llama-3-8B shape, bf16, q,v: frozen floor, randmask, LoRA (3 processes)      <= 110 s
+#   e2e-compile   bench_e2e --compile reduce-overhead, 1B, q,v: frozen floor, randmask, LoRA. The eager 1B step is
+#                 host-bound; with the Python and launch cost gone, is randmask at the floor? (never run yet:
+#                 compile time per process unknown, ~1-2 min expected)                                   <= 400 s
 #   cuda-backend  (issue 6) builds kernels/csrc/native_cuda.cu with CMake, checks it against the twins, times it
 #                 against Triton and the dense twin, and compares the host cost of Triton and CUDA C++ launches
 # Measured on an H200 (2026-11-26): e2e ~27 s per process (mostly start-up). The default sections' limits add up to
@@ -33,7 +37,7 @@ PY="${PYTHON:-python3}"  # the device image's python3 holds torch; there may be 
 START=$(date +%s)
 shift $(( $# > 0 ? 1 : 0 ))
 SECTIONS=" ${*:-triton micro e2e} "
-[[ "$SECTIONS" == *" all "* ]] && SECTIONS=" triton micro e2e e2e-8b cuda-backend "
+[[ "$SECTIONS" == *" all "* ]] && SECTIONS=" triton micro e2e e2e-8b e2e-compile cuda-backend "
 want() { [[ "$SECTIONS" == *" $1 "* ]]; }
 elapsed() { echo "($(( $(date +%s) - START )) s so far)"; }
 echo "== gpu_check $(date -u +%FT%TZ) on $(hostname); sections:$SECTIONS"
@@ -84,6 +88,12 @@ if want e2e-8b; then
   timeout 110 $PY benchmarks/bench_e2e.py --device cuda --shape 8b --dtype bfloat16 --steps 10 --warmup 3 \
     --rounds 1 --settings qv --methods frozen,randmask,lora
   echo "e2e 8b exit status $?"; save_results
+fi
+if want e2e-compile; then
+  echo; echo "== section e2e-compile $(elapsed)"
+  timeout 400 $PY benchmarks/bench_e2e.py --device cuda --shape 1b --dtype bfloat16 --steps 10 --warmup 3 \
+    --rounds 1 --settings qv --methods frozen,randmask,lora --compile reduce-overhead
+  echo "e2e compile exit status $?"; save_results
 fi
 if ! want cuda-backend; then
   echo "== gpu_check done in $(( $(date +%s) - START )) s; log: $LOG"
