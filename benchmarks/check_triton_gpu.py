@@ -69,7 +69,10 @@ def main():
                 rows, cols = twin_positions((out_features, in_features), n, key)
                 ref = grad_op.masked_grad_gather_torch(x, grad_y, rows, cols)
                 scale = ref.abs().max().item() + 1e-6
+                token_major = grad_op.token_major
                 for name, fn in [("gather", grad_op.masked_grad_gather_triton),
+                                 ("gather token-major", lambda x, gy, n, key: grad_op.masked_grad_gather_triton(
+                                     token_major(x), token_major(gy), n, key)),
                                  ("dense", grad_op.masked_grad_dense_triton), ("dispatch", grad_op.masked_grad_triton)]:
                     err = (fn(x, grad_y, n, key) - ref).abs().max().item() / scale
                     check(err < 1e-4, f"masked_grad {name} {dtype} {out_features}x{in_features} T={tokens} "

@@ -91,13 +91,24 @@ try:
 except ImportError:  # triton is optional: masked_grad_torch is the whole CPU path
     triton = None
 
-# GPU crossover, measured on an H200 in bf16 (benchmarks/results/masked_grad_cuda_bfloat16*.md, 4096x4096 and
-# 4096x14336 at 512 and 8192 tokens): the gather kernel costs ~1.3e-11 s per (slot x token); the dense kernel
-# ~out*in*(T + 843) / 9.5e13 s, its tile loop having a floor worth ~840 tokens. So the dense kernel wins above
-# density DENSE_DENSITY_GPU * (1 + DENSE_FLOOR_TOKENS / T): 9e-4 at 8192 tokens, 2.1e-3 at 512 (measured: gather
-# and dense cross between 1e-3 and 3e-3 at 512 tokens, at 1e-3 (4096x4096) and 8e-4 (4096x14336) at 8192).
-DENSE_DENSITY_GPU = 8.1e-4
-DENSE_FLOOR_TOKENS = 843
+# GPU dispatch: a cost model of the three ways (seconds), fitted to bf16 tables of benchmarks/bench_masked_grad.py on
+# an H100 (benchmarks/results/masked_grad_cuda_bfloat16*.md: 4096x4096 and 4096x14336, 512 and 8192 tokens; the
+# H200's gather and dense costs were within 15% of these):
+#   gather                n*T*GATHER_S: each load takes a 32-byte sector for one 2-byte value, since consecutive
+#                         tokens of one column are in-features apart (bound by sectors, not flops)
+#   gather, token-major   TOKEN_MAJOR_FIXED_S + T*(in + out)*TOKEN_MAJOR_COPY_S + n*T*TOKEN_MAJOR_GATHER_S: x and
+#                         grad_y first copied token-major in their own dtype (transient: as big as x and grad_y, freed
+#                         before returning; the fixed part is the copies' launches), then the same gather kernel,
+#                         whose loads along tokens are now contiguous per slot (~25x cheaper per slot x token)
+#   dense                 out*in*(T + DENSE_FLOOR_TOKENS)*DENSE_S: tensor-core tiles; the tile loop has a floor worth
+#                         ~840 tokens
+# The dispatcher takes the cheapest. Against every row of those tables it picks the fastest way or one within 10%
+# of it (tests/test_triton_kernels.py checks this against the stored tables): the gather at density <= 1e-4, the
+# token-major gather around 1e-3-1e-2 (up to 3.4x faster than the better of the other two at 8192 tokens), dense
+# above ~3e-2.
+GATHER_S = 1.5e-11
+TOKEN_MAJOR_FIXED_S, TOKEN_MAJOR_COPY_S, TOKEN_MAJOR_GATHER_S = 5e-5, 8.4e-12, 6e-13
+DENSE_S, DENSE_FLOOR_TOKENS = 1.05e-14, 843
 GATHER_BLOCK_K, GATHER_BLOCK_T = 128, 32
 DENSE_BLOCK_M, DENSE_BLOCK_N, DENSE_BLOCK_T, DENSE_GROUP_M = 64, 64, 32, 8
 
@@ -217,12 +228,23 @@ def masked_grad_dense_triton(x, grad_y, n, key):
     return _launch_masked_grad(x, grad_y, n, key, dense=True)
 
 
-def dense_density_gpu(tokens: int) -> float:
-    """The density above which the dense kernel beats the gather kernel at this many tokens (see above)."""
-    return DENSE_DENSITY_GPU * (1 + DENSE_FLOOR_TOKENS / max(tokens, 1))
+def masked_grad_way_gpu(n: int, tokens: int, out_features: int, in_features: int) -> str:
+    """'gather', 'token-major' or 'dense': the cheapest way by the cost model above."""
+    costs = {"gather": n * tokens * GATHER_S,
+             "token-major": (TOKEN_MAJOR_FIXED_S + tokens * (in_features + out_features) * TOKEN_MAJOR_COPY_S
+                             + n * tokens * TOKEN_MAJOR_GATHER_S),
+             "dense": out_features * in_features * (tokens + DENSE_FLOOR_TOKENS) * DENSE_S}
+    return min(costs, key=costs.get)
+
+
+def token_major(t: torch.Tensor) -> torch.Tensor:
+    """The same (T, features) values laid out with consecutive tokens adjacent (stride (1, T)), in t's dtype."""
+    return t if t.stride(0) == 1 else t.t().contiguous().t()
 
 
 def masked_grad_triton(x, grad_y, n, key):
-    """GPU dispatcher between the two kernels, by density and token count (dense_density_gpu)."""
-    dense = n > dense_density_gpu(x.shape[0]) * grad_y.shape[-1] * x.shape[-1]
-    return _launch_masked_grad(x, grad_y, n, key, dense=dense)
+    """GPU dispatcher between the gather kernel (on the inputs or on token-major copies) and the dense kernel."""
+    way = masked_grad_way_gpu(n, x.shape[0], grad_y.shape[-1], x.shape[-1])
+    if way == "token-major":
+        x, grad_y = token_major(x), token_major(grad_y)
+    return _launch_masked_grad(x, grad_y, n, key, dense=way == "dense")

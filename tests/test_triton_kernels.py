@@ -1,6 +1,7 @@
 """The Triton kernels, run by the interpreter (TRITON_INTERPRET=1, set in conftest.py) on CPU tensors, against the
 committed mask-scheme-1 vectors and the torch twins. The interpreter costs ~15-50 ms per program instance here, so
 every grid is a few programs."""
+import json
 import os
 import pathlib
 from collections import defaultdict
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
 
 VECTORS = pathlib.Path(__file__).parent / "vectors" / "mask_scheme1.txt"
+RESULTS = pathlib.Path(__file__).parent.parent / "benchmarks" / "results"
 KEY = 0x0123456789ABCDEF
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -145,17 +147,54 @@ def test_masked_grad_no_tokens(launcher):
     assert torch.equal(launcher(x, grad_y, 20, KEY), torch.zeros(20))
 
 
-def test_masked_grad_dispatch_by_density(monkeypatch):
-    chosen = []
+@pytest.mark.parametrize("way", ["gather", "token-major", "dense"])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_masked_grad_dispatch_ways(monkeypatch, way, contiguous):
+    # each way the dispatcher can take gives the twin's result; the token-major way hands the gather kernel
+    # token-major copies (stride 1 along tokens) and leaves the caller's tensors alone
+    launched = []
     launch = mg._launch_masked_grad
-    monkeypatch.setattr(mg, "_launch_masked_grad", lambda *a, dense: chosen.append(dense) or launch(*a, dense=dense))
+    monkeypatch.setattr(mg, "masked_grad_way_gpu", lambda *shape: way)
+    monkeypatch.setattr(mg, "_launch_masked_grad",
+                        lambda x, gy, n, key, dense: launched.append((x.stride(0), gy.stride(0), dense))
+                        or launch(x, gy, n, key, dense=dense))
+    x, grad_y = _activations((20, 50), 40, torch.float32, contiguous)
+    x_before, grad_y_before = x.clone(), grad_y.clone()
+    rows, cols = _positions_torch((20, 50), 300, KEY)
+    torch.testing.assert_close(mg.masked_grad_triton(x, grad_y, 300, KEY),
+                               mg.masked_grad_gather_torch(x, grad_y, rows, cols), rtol=1e-5, atol=1e-5)
+    (x_stride, grad_y_stride, dense), = launched
+    assert dense == (way == "dense")
+    if way == "token-major":
+        assert (x_stride, grad_y_stride) == (1, 1)
+    else:
+        assert (x_stride, grad_y_stride) == (x.stride(0), grad_y.stride(0))
+    assert torch.equal(x, x_before) and torch.equal(grad_y, grad_y_before)
+
+
+def test_masked_grad_dispatcher_asks_the_cost_model(monkeypatch):
+    asked = []
+    way = mg.masked_grad_way_gpu
+    monkeypatch.setattr(mg, "masked_grad_way_gpu", lambda *a: asked.append(a) or way(*a))
     x, grad_y = _activations((20, 50), 8, torch.float32, True)
-    threshold = int(mg.dense_density_gpu(8) * 1000)  # (20, 50) with 8 tokens
-    for n in (threshold, threshold + 1):
-        rows, cols = _positions_torch((20, 50), n, KEY)
-        torch.testing.assert_close(mg.masked_grad_triton(x, grad_y, n, KEY),
-                                   mg.masked_grad_gather_torch(x, grad_y, rows, cols), rtol=1e-5, atol=1e-5)
-    assert chosen == [False, True]
+    mg.masked_grad_triton(x, grad_y, 30, KEY)
+    assert asked == [(30, 8, 20, 50)]  # (n, tokens, out, in)
+
+
+@pytest.mark.parametrize("table", ["masked_grad_cuda_bfloat16.json", "masked_grad_cuda_bfloat16_T8192.json"])
+def test_gpu_cost_model_picks_the_measured_fastest_way(table):
+    # the stored GPU tables (benchmarks/bench_masked_grad.py, one column per way): in every row, the way the cost
+    # model picks measured within 10% of the fastest of the three
+    data = json.loads((RESULTS / table).read_text())
+    column = {"gather": "triton-gather", "token-major": "triton-gather-T", "dense": "triton-dense"}
+    tokens = data["args"]["tokens"]
+    rows = [(shape, row) for shape, shape_rows in data["shapes"].items() for row in shape_rows]
+    assert len(rows) >= 5
+    for shape, row in rows:
+        out_features, in_features = map(int, shape.split("x"))
+        way = mg.masked_grad_way_gpu(row["n"], tokens, out_features, in_features)
+        fastest = min(row["ms"][name] for name in column.values())
+        assert row["ms"][column[way]] <= 1.10 * fastest, (shape, tokens, row["density"], way, row["ms"])
 
 
 # ---------------------------------------------------------------- sparse weight access
