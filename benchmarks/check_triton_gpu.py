@@ -69,11 +69,12 @@ def main():
                 rows, cols = twin_positions((out_features, in_features), n, key)
                 ref = grad_op.masked_grad_gather_torch(x, grad_y, rows, cols)
                 scale = ref.abs().max().item() + 1e-6
-                token_major = grad_op.token_major
+                low_density_only = [("rows", grad_op.masked_grad_rows_triton)] if density <= 1e-2 else []
                 for name, fn in [("gather", grad_op.masked_grad_gather_triton),
                                  ("gather token-major", lambda x, gy, n, key: grad_op.masked_grad_gather_triton(
-                                     token_major(x), token_major(gy), n, key)),
-                                 ("dense", grad_op.masked_grad_dense_triton), ("dispatch", grad_op.masked_grad_triton)]:
+                                     grad_op.token_major(x), grad_op.token_major(gy), n, key)),
+                                 *low_density_only, ("dense", grad_op.masked_grad_dense_triton),
+                                 ("dispatch", grad_op.masked_grad_triton)]:
                     err = (fn(x, grad_y, n, key) - ref).abs().max().item() / scale
                     check(err < 1e-4, f"masked_grad {name} {dtype} {out_features}x{in_features} T={tokens} "
                                       f"density={density}: rel err {err:.1e}")

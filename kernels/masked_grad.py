@@ -110,6 +110,11 @@ GATHER_S = 1.5e-11
 TOKEN_MAJOR_FIXED_S, TOKEN_MAJOR_COPY_S, TOKEN_MAJOR_GATHER_S = 5e-5, 8.4e-12, 6e-13
 DENSE_S, DENSE_FLOOR_TOKENS = 1.05e-14, 843
 GATHER_BLOCK_K, GATHER_BLOCK_T = 128, 32
+# Candidate (a bench column, not dispatched until a GPU has timed it): the rows kernel below. Its token block is sized
+# so that the rows in use take at most ROWS_BYTES (several resident programs' worth fit one SM's L1); a program serves
+# at most ROWS_SLOTS slots (its partial sums stay cached), and the (token splits, n) partial sums at most
+# ROWS_PARTIAL_BYTES.
+ROWS_BLOCK_K, ROWS_BYTES, ROWS_MAX_BLOCK_T, ROWS_SLOTS, ROWS_PARTIAL_BYTES = 128, 16 << 10, 16, 4096, 64 << 20
 DENSE_BLOCK_M, DENSE_BLOCK_N, DENSE_BLOCK_T, DENSE_GROUP_M = 64, 64, 32, 8
 
 if triton is not None:
@@ -173,6 +178,39 @@ if triton is not None:
         tl.store(g_ptr + slot, acc, mask=inside & (slot < n))
 
 
+    @triton.jit(do_not_specialize=["k0", "k1"])
+    def masked_grad_rows_kernel(x_ptr, gy_ptr, g_ptr, T, tokens_per_split, n, slots_per_split, in_features, numel,
+                                a_radix, b_radix, k0, k1, stride_xt, stride_xc, stride_gt, stride_gc,
+                                BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+        # partial[s, k] = sum_{t in token split s} grad_y[t, r_k] * x[t, c_k] (fp32) for the slots k of this
+        # program's slot split (partial zeroed by the launcher). Token-outer: for each BLOCK_T rows of x and grad_y,
+        # every slot of the split, BLOCK_K at a time, adds its sum over those rows to partial[s, k] (this program's
+        # own entries: a plain read-modify-write). Why: the gather kernel reads each (token, slot) value as its own 32-byte sector from L2 (0.88 GB per
+        # call for 1678 slots x 8192 tokens); here the BLOCK_T rows in use (<= ROWS_BYTES) are shared by all slots,
+        # so after the first touch they come from L1, and L2/DRAM see each row about once.
+        # Block sizes: BLOCK_T = ROWS_BYTES / (row bytes of x + grad_y), a power of two in [1, 16]; BLOCK_K = 128
+        # slots per step; grid: (token splits, slot splits).
+        split = tl.program_id(0)
+        t_begin = split * tokens_per_split
+        t_end = tl.minimum(t_begin + tokens_per_split, T)
+        first = tl.program_id(1) * slots_per_split
+        last = tl.minimum(first + slots_per_split, n)
+        partial_row = g_ptr + split.to(tl.int64) * n
+        for t_start in range(t_begin, t_end, BLOCK_T):
+            t = t_start + tl.arange(0, BLOCK_T).to(tl.int64)
+            t_live = t < t_end
+            for k_start in range(first, last, BLOCK_K):
+                k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
+                live = k < last
+                p = slot_to_flat(tl.where(live, k, 0), numel, a_radix, b_radix, k0, k1)
+                m = t_live[:, None] & live[None, :]
+                gy = tl.load(gy_ptr + t[:, None] * stride_gt + (p // in_features)[None, :] * stride_gc, mask=m,
+                             other=0.0)
+                xv = tl.load(x_ptr + t[:, None] * stride_xt + (p % in_features)[None, :] * stride_xc, mask=m,
+                             other=0.0)
+                total = tl.sum(gy.to(tl.float32) * xv.to(tl.float32), axis=0)
+                tl.store(partial_row + k, tl.load(partial_row + k, mask=live) + total, mask=live)
+
 GATHER_PROGRAMS_PER_SM = 4  # the gather kernel splits the tokens until it has this many programs per multiprocessor
 
 
@@ -216,6 +254,31 @@ def _launch_masked_grad(x, grad_y, n, key, dense: bool):
                                    BLOCK_N=DENSE_BLOCK_N, BLOCK_T=DENSE_BLOCK_T, GROUP_M=DENSE_GROUP_M,
                                    DOT_DTYPE=dot_dtype)
     return g
+
+
+def masked_grad_rows_triton(x, grad_y, n, key):
+    """g (fp32, length n) by the rows kernel: each block of token rows serves every slot (a candidate). Splits the
+    tokens to fill the chip within ROWS_PARTIAL_BYTES of partial sums, added in a fixed order (deterministic)."""
+    if x.dim() != 2 or grad_y.dim() != 2 or x.shape[0] != grad_y.shape[0]:
+        raise ValueError(f"x (T, in) and grad_y (T, out) must share T, got {tuple(x.shape)}, {tuple(grad_y.shape)}")
+    (T, in_features), out_features = x.shape, grad_y.shape[1]
+    mask = kernel_mask_args(out_features * in_features, n, key)
+    if n == 0 or T == 0:
+        return torch.zeros(n, dtype=torch.float32, device=x.device)
+    row_bytes = in_features * x.element_size() + out_features * grad_y.element_size()
+    block_t = min(ROWS_MAX_BLOCK_T, 1 << max(0, (ROWS_BYTES // row_bytes).bit_length() - 1))  # a power of two
+    slot_splits = triton.cdiv(n, ROWS_SLOTS)
+    slots_per_split = triton.cdiv(triton.cdiv(n, slot_splits), ROWS_BLOCK_K) * ROWS_BLOCK_K
+    token_blocks = triton.cdiv(T, block_t)
+    wanted = triton.cdiv(GATHER_PROGRAMS_PER_SM * _multiprocessors(x.device), slot_splits)
+    token_splits = max(1, min(wanted, token_blocks, ROWS_PARTIAL_BYTES // (4 * n)))
+    tokens_per_split = triton.cdiv(token_blocks, token_splits) * block_t
+    token_splits = triton.cdiv(T, tokens_per_split)
+    partial = torch.zeros(token_splits * n, dtype=torch.float32, device=x.device)
+    masked_grad_rows_kernel[(token_splits, triton.cdiv(n, slots_per_split))](
+        x, grad_y, partial, T, tokens_per_split, n, slots_per_split, in_features, *mask, *x.stride(),
+        *grad_y.stride(), BLOCK_K=ROWS_BLOCK_K, BLOCK_T=block_t)
+    return partial if token_splits == 1 else partial.view(token_splits, n).sum(0)
 
 
 def masked_grad_gather_triton(x, grad_y, n, key):

@@ -112,14 +112,14 @@ def _activations(shape, tokens, dtype, contiguous):
 # T = 77 and 40 are not multiples of the token blocks (32); (70, 90) and (33, 130) not of the 64x64 tiles.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,tokens,contiguous", [((70, 90), 77, False), ((33, 130), 40, True)])
-@pytest.mark.parametrize("launcher", [mg.masked_grad_gather_triton, mg.masked_grad_dense_triton],
-                         ids=["gather", "dense"])
+@pytest.mark.parametrize("launcher", [mg.masked_grad_gather_triton, mg.masked_grad_dense_triton,
+                                      mg.masked_grad_rows_triton], ids=["gather", "dense", "rows"])
 def test_masked_grad_matches_twin(launcher, shape, tokens, contiguous, dtype):
     x, grad_y = _activations(shape, tokens, dtype, contiguous)
     assert x.is_contiguous() == contiguous and grad_y.is_contiguous() == contiguous
     numel = shape[0] * shape[1]
     # the dense kernel costs the same at any n; the gather kernel's grid grows with n, so it gets smaller counts
-    counts = (0, 1, 300) if launcher is mg.masked_grad_gather_triton else (0, 1, numel // 3, numel)
+    counts = (0, 1, numel // 3, numel) if launcher is mg.masked_grad_dense_triton else (0, 1, 300)
     for n in counts:
         rows, cols = _positions_torch(shape, n, KEY)
         got = launcher(x, grad_y, n, KEY)
@@ -141,7 +141,23 @@ def test_masked_grad_gather_token_split(tokens):
                                    mg.masked_grad_gather_torch(x, grad_y, rows, cols), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("launcher", [mg.masked_grad_gather_triton, mg.masked_grad_dense_triton, mg.masked_grad_triton])
+# (rows bytes, slots per program, partial-sum bytes): token blocks of 1 row, one token each split; blocks of 2 rows
+# and 3 slot splits; 2 token splits of 3 blocks each, so a program adds to its partial sums across blocks
+@pytest.mark.parametrize("rows_bytes,rows_slots,partial_bytes", [(1, 4096, 64 << 20), (2000, 128, 64 << 20),
+                                                                (1, 4096, 2 * 4 * 300)])
+def test_masked_grad_rows_blocks_and_splits(monkeypatch, rows_bytes, rows_slots, partial_bytes):
+    # the rows kernel's partial sums over token splits (the last one short) and slot splits add up to the twin's
+    for name, value in (("ROWS_BYTES", rows_bytes), ("ROWS_SLOTS", rows_slots), ("ROWS_PARTIAL_BYTES", partial_bytes)):
+        monkeypatch.setattr(mg, name, value)
+    x, grad_y = _activations((70, 90), 5, torch.float32, False)
+    for n in (1, 300):
+        rows, cols = _positions_torch((70, 90), n, KEY)
+        torch.testing.assert_close(mg.masked_grad_rows_triton(x, grad_y, n, KEY),
+                                   mg.masked_grad_gather_torch(x, grad_y, rows, cols), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("launcher", [mg.masked_grad_gather_triton, mg.masked_grad_dense_triton,
+                                      mg.masked_grad_rows_triton, mg.masked_grad_triton])
 def test_masked_grad_no_tokens(launcher):
     x, grad_y = torch.empty(0, 9), torch.empty(0, 5)
     assert torch.equal(launcher(x, grad_y, 20, KEY), torch.zeros(20))
