@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# gpu_check.sh: the checks that need a GPU (H100 / H200), as one prepared script; the default run takes ~7 min.
+# gpu_check.sh: the checks that need a GPU (H100 / H200), as one prepared script; the default run takes ~8 min.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR] [SECTION ...]    results in OUT_DIR (default: $OUT, else
 #                                                          benchmarks/results/gpu); sections default to
@@ -10,7 +10,8 @@
 # Sections and their time limits (each Python step runs under `timeout`, so a hang cannot eat the lease):
 #   triton        every Triton kernel vs its torch twin in fp32 / fp16 / bf16 (check_triton_gpu.py)       <= 90 s
 #   micro         bench_masked_grad (4096-wide bf16 at 8192 and 512 tokens; the official code's ways are
-#                 columns), bench_update, bench_overhead (host cost per layer)                            <= 175 s
+#                 columns), bench_update, bench_overhead (host cost per layer), a block-size sweep of the
+#                 rows candidate against the gather at density 1e-5-1e-3                                 <= 235 s
 #   e2e           bench_e2e, Llama-1B shape, bf16, q,v and all-linear: frozen floor, randmask, LoRA, SHiRA,
 #                 naive, full (the floor and full run once for both settings: 10 processes)             <= 300 s
 #   e2e-8b        bench_e2e, Llama-3-8B shape, bf16, q,v: frozen floor, randmask, LoRA (3 processes)      <= 110 s
@@ -20,7 +21,8 @@
 #   cuda-backend  (issue 6) builds kernels/csrc/native_cuda.cu with CMake, checks it against the twins, times it
 #                 against Triton and the dense twin, and compares the host cost of Triton and CUDA C++ launches
 # Measured: e2e ~27 s per process, mostly start-up (H200, 2026-11-26); on an H100 (2026-11-27) the default sections
-# plus e2e-8b took 493 s in one call (limits add up to ~11 min: call with a timeout of 600 s), e2e-compile 239 s.
+# plus e2e-8b took 493 s in one call, e2e-compile 239 s. Since then micro has the rows sweep and more columns (~1 min
+# more): call the default sections alone with a timeout of 600 s, then e2e-8b and e2e-compile together (~6 min).
 # Tables are packed into OUT_DIR/results_cuda.tgz after every step (a lease returns only a few files, and a run cut
 # short keeps what it had packed); the log is OUT_DIR/gpu_check.txt.
 set -uo pipefail
@@ -74,6 +76,37 @@ if want micro; then
   echo "update exit status $?"; save_results
   timeout 30 $PY benchmarks/bench_overhead.py --device cuda  # host cost per layer: what a host-bound step pays
   echo "overhead exit status $?"; save_results
+  # the rows candidate (kernels/masked_grad.py) against the gather at low density, over its two block-size knobs
+  timeout 60 $PY - << 'PYEOF'
+import statistics, torch
+from randmask.kernels import masked_grad as mg
+dev = torch.device("cuda")
+key = 0x0123456789ABCDEF
+print(torch.cuda.get_device_name(dev), "bf16, ms per call (median of 10); rows[row bytes, slots per program]")
+
+def ms(fn, reps=10):
+    fn(); torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(); fn(); end.record(); end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+for (out, inf), T in (((4096, 4096), 8192), ((4096, 14336), 8192), ((4096, 4096), 512)):
+    x = torch.randn(T, inf, device=dev).to(torch.bfloat16)
+    gy = torch.randn(T, out, device=dev).to(torch.bfloat16)
+    for density in (1e-5, 1e-4, 1e-3):
+        n = round(density * out * inf)
+        cells = [f"gather={ms(lambda: mg.masked_grad_gather_triton(x, gy, n, key)):.3f}"]
+        for rows_bytes in (4 << 10, 16 << 10, 64 << 10):
+            for rows_slots in (1024, 4096):
+                mg.ROWS_BYTES, mg.ROWS_SLOTS = rows_bytes, rows_slots
+                cells.append(f"rows[{rows_bytes >> 10}K,{rows_slots}]="
+                             f"{ms(lambda: mg.masked_grad_rows_triton(x, gy, n, key)):.3f}")
+        print(f"{out}x{inf} T={T} d={density:.0e} n={n}  " + "  ".join(cells), flush=True)
+PYEOF
+  echo "rows sweep exit status $?"
 fi
 
 # ------------------------------------------------------------------------------------------------ e2e
