@@ -13,8 +13,8 @@ Columns (ms per call; "–" where an implementation is not available):
         serving every slot from its block of token rows (a candidate, timed at density <= 1e-3; not dispatched)
   both  torch-dense is the dense twin (fp32 upcasts, in blocks: the CPU path and test oracle); matmul-gather is the
         dense baseline: grad_y^T x as one matmul in the layer's dtype (cuBLAS / BLAS), then the gather, which is what
-        autograd does for SHiRA and SpIEL; the "matmul / dispatch" column is our speed-up over it. The official Random Masking
-        code's way: transposed fp32 copies of x and grad_y made in every backward, then either a per-entry gather
+        autograd does for SHiRA and SpIEL; the "matmul / dispatch" column is our speed-up over it. The official
+        Random Masking code's way: transposed fp32 copies of x and grad_y made in every backward, then either a per-entry gather
         (official-gather) or torch.sparse.sampled_addmm over the stored CSR mask (official-sampled; the CSR indices
         are built once outside the timing, as the official code stores them, and the result is put back in slot
         order inside it).

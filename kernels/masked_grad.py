@@ -3,7 +3,9 @@
     g[k] = sum_t grad_y[t, r_k] * x[t, c_k]        k in [0, n), (r_k, c_k) = position of slot k, fp32 accumulation
 
 x is (T, in), grad_y is (T, out), both of the layer's dtype; g is fp32 of length n. Two ways to compute it:
-  gather: one dot product over tokens per slot, O(n*T) work; wins at tiny density.
+  gather: one dot product over tokens per slot, O(n*T) work; wins at tiny density. On GPU also run on token-major
+          copies of x and grad_y (contiguous loads per slot), which wins in between; and a candidate, the rows
+          kernel, that serves every slot from each block of token rows.
   dense:  tiles of grad_y^T x (tensor cores on GPU, BLAS on CPU) of which only the masked entries are kept,
           O(out*in*T) work at full matmul speed; wins at higher density. The out x in gradient is never stored whole.
 
@@ -177,7 +179,6 @@ if triton is not None:
         slot = flat_to_slot(tl.where(inside, p, 0), numel, a_radix, b_radix, k0, k1)
         tl.store(g_ptr + slot, acc, mask=inside & (slot < n))
 
-
     @triton.jit(do_not_specialize=["k0", "k1"])
     def masked_grad_rows_kernel(x_ptr, gy_ptr, g_ptr, T, tokens_per_split, n, slots_per_split, in_features, numel,
                                 a_radix, b_radix, k0, k1, stride_xt, stride_xc, stride_gt, stride_gc,
@@ -185,9 +186,10 @@ if triton is not None:
         # partial[s, k] = sum_{t in token split s} grad_y[t, r_k] * x[t, c_k] (fp32) for the slots k of this
         # program's slot split (partial zeroed by the launcher). Token-outer: for each BLOCK_T rows of x and grad_y,
         # every slot of the split, BLOCK_K at a time, adds its sum over those rows to partial[s, k] (this program's
-        # own entries: a plain read-modify-write). Why: the gather kernel reads each (token, slot) value as its own 32-byte sector from L2 (0.88 GB per
-        # call for 1678 slots x 8192 tokens); here the BLOCK_T rows in use (<= ROWS_BYTES) are shared by all slots,
-        # so after the first touch they come from L1, and L2/DRAM see each row about once.
+        # own entries: a plain read-modify-write). Why: the gather kernel reads each (token, slot) value as its own
+        # 32-byte sector from L2 (0.88 GB per call for 1678 slots x 8192 tokens); here the BLOCK_T rows in use
+        # (<= ROWS_BYTES) are shared by all slots, so after the first touch they come from L1, and L2/DRAM see each
+        # row about once.
         # Block sizes: BLOCK_T = ROWS_BYTES / (row bytes of x + grad_y), a power of two in [1, 16]; BLOCK_K = 128
         # slots per step; grid: (token splits, slot splits).
         split = tl.program_id(0)
@@ -210,6 +212,7 @@ if triton is not None:
                              other=0.0)
                 total = tl.sum(gy.to(tl.float32) * xv.to(tl.float32), axis=0)
                 tl.store(partial_row + k, tl.load(partial_row + k, mask=live) + total, mask=live)
+
 
 GATHER_PROGRAMS_PER_SM = 4  # the gather kernel splits the tokens until it has this many programs per multiprocessor
 
