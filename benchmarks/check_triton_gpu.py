@@ -100,6 +100,22 @@ def main():
         err = ((d1 - d2).abs().max() / d2.abs().max()).item()
         check(err < 1e-6 and torch.equal(m1, m2), f"MaskedAdamW triton vs twin {dtype}: delta rel err {err:.1e}")
         check(same_weights(w1[rows, cols], (base.float() + d1).to(dtype)), f"MaskedAdamW merged weight {dtype}")
+        # the one-launch step of several matrices (own shapes, a transposed weight, own step counts) equals one
+        # launch per matrix, bitwise
+        batch = []
+        for i, ((out_features, in_features), n) in enumerate([(tuple(weight_shape), update_n), ((97, 89), 3000),
+                                                              ((64, 48), 0)]):
+            w = torch.randn(out_features, in_features, device=DEVICE).to(dtype)
+            w = w.t().contiguous().t() if i == 1 else w  # a transposed (Conv1D-style) weight
+            batch.append((w, update_op.gather_weight_triton(w, n, key + i), torch.zeros(n, device=DEVICE),
+                          torch.randn(n, device=DEVICE), torch.zeros(n, device=DEVICE), torch.zeros(n, device=DEVICE),
+                          key + i, 1 + i))
+        per_matrix = [tuple(t.clone() if torch.is_tensor(t) else t for t in item) for item in batch]
+        for *tensors, matrix_key, step in per_matrix:
+            adamw_op.masked_adamw_triton(*tensors, matrix_key, step=step, **hyper)
+        adamw_op.masked_adamw_multi_triton(batch, **hyper)
+        same = all(torch.equal(x, y) for one, many in zip(per_matrix, batch) for x, y in zip(one[:6], many[:6]))
+        check(same, f"MaskedAdamW one launch for 3 matrices vs one launch each {dtype}: bitwise")
     print(f"{len(failures)} failed" if failures else "all Triton kernels agree with their torch twins")
     sys.exit(1 if failures else 0)
 

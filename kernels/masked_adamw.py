@@ -31,6 +31,7 @@ them (computing them from the key when absent), the kernels compute positions in
 
     masked_adamw_torch:   the CPU path and the test oracle (torch ops, bitwise equal to AdamW + sync on CPU)
     masked_adamw_triton:  one pass, BLOCK = 1024 slots per program, positions from the hash, no index loads
+    masked_adamw_multi_triton: the same for a list of matrices (one weight dtype, own step counts) in one launch
     adamw_torch:          the same step without a weight write, for plain parameters (any shape and dtype)
 """
 import torch
@@ -47,6 +48,7 @@ except ImportError:  # triton is optional: the torch twins are the whole CPU pat
     triton = None
 
 BLOCK = 1024  # slots per program
+TABLE_FIELDS = 16  # int64 values per matrix in the multi-tensor kernel's table
 
 
 def adamw_scalars(*, lr, beta1, beta2, eps, weight_decay, step):
@@ -73,6 +75,13 @@ def _check_args(weight, base, delta, grad, exp_avg, exp_avg_sq, step):
         raise ValueError(f"base must be {weight.dtype} of shape ({n},), got {base.dtype} {tuple(base.shape)}")
     if not step >= 1:
         raise ValueError(f"step is the step count after its increment (>= 1), got {step}")
+
+
+def _check_in_place(delta, exp_avg, exp_avg_sq):
+    """The kernels index these three as flat arrays and write them in place: no copy can stand in."""
+    for name, t in (("delta", delta), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} is updated in place and must be contiguous")
 
 
 # ---------------------------------------------------------------- torch twins (CPU path and test oracle)
@@ -114,17 +123,18 @@ def masked_adamw_torch(weight, base, delta, grad, exp_avg, exp_avg_sq, key, *, l
 # tl.sqrt_rn and tl.div_rn are IEEE round-to-nearest (tl.sqrt and tl.fdiv are approximations); the launcher passes
 # enable_fp_fusion=False so that only the explicit tl.fma calls fuse, as in torch's CPU kernels.
 if triton is not None:
+    _TABLE_FIELDS = tl.constexpr(TABLE_FIELDS)
+    WEIGHT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+                     torch.float64: tl.float64}  # the weight dtypes the multi-tensor kernel is compiled for
 
-    @triton.jit(do_not_specialize=["k0", "k1"])
-    def masked_adamw_kernel(weight_ptr, base_ptr, delta_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr,
-                            n, in_features, numel, a_radix, b_radix, k0, k1, stride_r, stride_c,
-                            decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
-                            BLOCK: tl.constexpr):
-        # For the BLOCK = 1024 slots k of this program (fp32 throughout; the scalars come from adamw_scalars):
+    @triton.jit
+    def masked_adamw_slots(k, n, weight_ptr, base_ptr, delta_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+                           in_features, numel, a_radix, b_radix, k0, k1, stride_r, stride_c,
+                           decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps):
+        # For the slots k of one matrix (those < n are live; fp32 throughout; the scalars come from adamw_scalars):
         #   delta *= decay;  m = lerp(m, g, lerp_weight);  v = beta2 * v + one_minus_beta2 * g * g
         #   delta += neg_step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)
         #   weight[r_k, c_k] = weight dtype(fp32(base_k) + delta),  (r_k, c_k) = divmod(sigma(k), in)
-        k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         live = k < n
         g = tl.load(grad_ptr + k, mask=live, other=0.0)
         delta = tl.load(delta_ptr + k, mask=live, other=0.0)
@@ -146,14 +156,61 @@ if triton is not None:
         w = weight_ptr + (p // in_features) * stride_r + (p % in_features) * stride_c
         tl.store(w, merged.to(weight_ptr.dtype.element_ty), mask=live)
 
+    @triton.jit(do_not_specialize=["k0", "k1"])
+    def masked_adamw_kernel(weight_ptr, base_ptr, delta_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+                            n, in_features, numel, a_radix, b_radix, k0, k1, stride_r, stride_c,
+                            decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
+                            BLOCK: tl.constexpr):
+        # The step of masked_adamw_slots on the BLOCK = 1024 slots of this program, of one matrix.
+        k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        masked_adamw_slots(k, n, weight_ptr, base_ptr, delta_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+                           in_features, numel, a_radix, b_radix, k0, k1, stride_r, stride_c,
+                           decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps)
+
+    @triton.jit
+    def masked_adamw_multi_kernel(table_ptr, step_scalars_ptr, block_param_offset,
+                                  decay, lerp_weight, beta2, one_minus_beta2, eps,
+                                  WEIGHT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+        # Program i: the BLOCK = 1024 slots k of block i - first_j of matrix j = table[block_param_offset + i],
+        # stepped by masked_adamw_slots (fp32 throughout):
+        #   delta *= decay;  m = lerp(m, g, lerp_weight);  v = beta2 * v + one_minus_beta2 * g * g
+        #   delta += neg_step_size_j * m / (sqrt(v) / bias_correction2_sqrt_j + eps)
+        #   weight_j[r_k, c_k] = weight dtype(fp32(base_k) + delta),  (r_k, c_k) = divmod(sigma_j(k), in_j)
+        # Row j of the table holds matrix j's addresses, sizes, mask arguments, strides and first block (int64: the
+        # values the single-matrix kernel gets as arguments; k0 and k1 become uint32 in slot_to_flat as there), and
+        # step_scalars[2j], step_scalars[2j + 1] its step-dependent scalars (fp32); the others are the group's.
+        block = tl.program_id(0)
+        param = tl.load(table_ptr + block_param_offset + block)
+        row = table_ptr + param * _TABLE_FIELDS  # in the order masked_adamw_multi_triton writes it
+        weight_ptr = tl.load(row).to(tl.pointer_type(WEIGHT_DTYPE))
+        base_ptr = tl.load(row + 1).to(tl.pointer_type(WEIGHT_DTYPE))
+        delta_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+        grad_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+        exp_avg_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+        exp_avg_sq_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+        n = tl.load(row + 6)
+        in_features = tl.load(row + 7)
+        numel = tl.load(row + 8)
+        a_radix = tl.load(row + 9)
+        b_radix = tl.load(row + 10)
+        k0 = tl.load(row + 11)
+        k1 = tl.load(row + 12)
+        stride_r = tl.load(row + 13)
+        stride_c = tl.load(row + 14)
+        first_block = tl.load(row + 15)
+        neg_step_size = tl.load(step_scalars_ptr + 2 * param)
+        bias_correction2_sqrt = tl.load(step_scalars_ptr + 2 * param + 1)
+        k = (block - first_block) * BLOCK + tl.arange(0, BLOCK)
+        masked_adamw_slots(k, n, weight_ptr, base_ptr, delta_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+                           in_features, numel, a_radix, b_radix, k0, k1, stride_r, stride_c,
+                           decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps)
+
 
 def masked_adamw_triton(weight, base, delta, grad, exp_avg, exp_avg_sq, key, *, lr, beta1, beta2, eps,
                         weight_decay, step, positions=None):
     """The fused step in one Triton launch of ceil(n / BLOCK) programs; `positions` is ignored (computed inline)."""
     _check_args(weight, base, delta, grad, exp_avg, exp_avg_sq, step)
-    for name, t in (("delta", delta), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} is updated in place and must be contiguous")
+    _check_in_place(delta, exp_avg, exp_avg_sq)
     n = delta.numel()
     mask = kernel_mask_args(weight.numel(), n, key)
     if n == 0:
@@ -162,3 +219,50 @@ def masked_adamw_triton(weight, base, delta, grad, exp_avg, exp_avg_sq, key, *, 
     masked_adamw_kernel[(triton.cdiv(n, BLOCK),)](weight, base.contiguous(), delta, grad.contiguous(), exp_avg,
                                                   exp_avg_sq, n, weight.shape[1], *mask, *weight.stride(),
                                                   *(float(s) for s in scalars), BLOCK=BLOCK, enable_fp_fusion=False)
+
+
+def masked_adamw_multi_triton(batch, *, lr, beta1, beta2, eps, weight_decay):
+    """The fused step of several matrices in one Triton launch of sum(ceil(n_i / BLOCK)) programs.
+
+    batch: (weight, base, delta, grad, exp_avg, exp_avg_sq, key, step) tuples, as masked_adamw_triton's arguments;
+    their weights share one dtype and device, their steps may differ. Each matrix is updated bitwise as
+    masked_adamw_triton updates it (the same kernel body, the same scalars); matrices with n = 0 are skipped."""
+    if triton is None:
+        raise RuntimeError("the Triton kernels need triton, which is not installed")
+    if not batch:
+        return
+    weight_dtype, device = batch[0][0].dtype, batch[0][0].device
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weights must be one of {sorted(map(str, WEIGHT_DTYPES))}, got {weight_dtype}")
+    hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
+    decay, lerp_weight, _, one_minus_beta2, _, _, _ = adamw_scalars(**hyper, step=1)  # the step-independent ones
+    table, step_scalars, block_param, flat_inputs = [], [], [], []
+    for weight, base, delta, grad, exp_avg, exp_avg_sq, key, step in batch:
+        if weight.dtype != weight_dtype or weight.device != device:
+            raise ValueError(f"one launch steps weights of one dtype and device: got {weight.dtype} on "
+                             f"{weight.device} in a batch of {weight_dtype} on {device}")
+        _check_args(weight, base, delta, grad, exp_avg, exp_avg_sq, step)
+        _check_in_place(delta, exp_avg, exp_avg_sq)
+        n = delta.numel()
+        mask = kernel_mask_args(weight.numel(), n, key)
+        if n == 0:
+            continue
+        base, grad = base.contiguous(), grad.contiguous()  # read as flat arrays; kept alive until the launch
+        flat_inputs.append((base, grad))
+        step_scalars += adamw_scalars(**hyper, step=step)[4:6]  # neg_step_size, bias_correction2_sqrt
+        table += (weight.data_ptr(), base.data_ptr(), delta.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(),
+                  exp_avg_sq.data_ptr(), n, weight.shape[1], *mask, *weight.stride(), len(block_param))
+        block_param += [len(flat_inputs) - 1] * ((n + BLOCK - 1) // BLOCK)  # triton.cdiv costs ~5 us a call
+    if not block_param:
+        return
+    # One host table (the rows, then each program's matrix) and one of fp32 scalars. On a GPU they travel by
+    # non-blocking copies from pinned memory: a pageable copy would synchronize the stream and stall the host.
+    on_gpu = device.type == "cuda"
+    table = torch.tensor(table + block_param, dtype=torch.int64, pin_memory=on_gpu)
+    step_scalars = torch.tensor(step_scalars, dtype=torch.float32, pin_memory=on_gpu)
+    if on_gpu:
+        table, step_scalars = (t.to(device, non_blocking=True) for t in (table, step_scalars))
+    masked_adamw_multi_kernel[(len(block_param),)](
+        table, step_scalars, len(flat_inputs) * TABLE_FIELDS, float(decay), float(lerp_weight), float(beta2),
+        float(one_minus_beta2), float(eps), WEIGHT_DTYPE=WEIGHT_DTYPES[weight_dtype], BLOCK=BLOCK,
+        enable_fp_fusion=False)

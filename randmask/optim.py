@@ -6,8 +6,9 @@
 For each parameter with a gradient:
   - the `delta` of a MaskedLinear (found with randmask.layer.layer_of): the AdamW step on delta, exp_avg and
     exp_avg_sq, and the write weight[r_k, c_k] = round(base_k + delta_k):
-      CUDA tensors: one fused pass that also computes the positions from the hash (kernels/masked_adamw.py: the
-        Triton kernel, or the CUDA C++ one with RANDMASK_BACKEND=cuda);
+      CUDA tensors: one fused pass that also computes the positions from the hash (kernels/masked_adamw.py): the
+        Triton kernel, launched once for all the group's deltas whose weights share a dtype, or the CUDA C++ one
+        per delta with RANDMASK_BACKEND=cuda;
       CPU, native kernels built (the default): torch's fused multi-tensor AdamW kernel for all the group's deltas in
         one call, then each layer's native sparse write;
       otherwise (RANDMASK_BACKEND=torch): the torch twin, with the layer's cached positions;
@@ -115,6 +116,7 @@ class MaskedAdamW(Optimizer):
             hyper = {"lr": float(group["lr"]), "beta1": float(group["betas"][0]), "beta2": float(group["betas"][1]),
                      "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
             fused_cpu = []  # (layer or None, param, grad, state): the parameters for torch's fused CPU kernel
+            fused_triton = {}  # (device, weight dtype) -> [(layer, delta, grad, state)]: one Triton launch each
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -130,14 +132,19 @@ class MaskedAdamW(Optimizer):
                     state["step"] = torch.tensor(float(state["step"]), dtype=_scalar_dtype())
                 state["step"] += 1
                 layer = layer_of(param)
-                if kernel_backend(param.device) == "native" and not torch.is_complex(param):
+                backend = kernel_backend(param.device)
+                if backend == "native" and not torch.is_complex(param):
                     fused_cpu.append((layer, param, grad, state))
+                elif layer is not None and backend == "triton":
+                    fused_triton.setdefault((param.device, layer.weight.dtype), []).append((layer, param, grad, state))
                 elif layer is not None:
-                    self._masked_step(layer, param, grad, state, state["step"].item(), hyper)
+                    self._masked_step(layer, param, grad, state, state["step"].item(), hyper, backend)
                 else:
                     self._plain_step(param, grad, state, state["step"].item(), hyper)
             if fused_cpu:
                 self._fused_cpu_step(fused_cpu, hyper)
+            for batch in fused_triton.values():
+                self._fused_triton_step(batch, hyper)
         return loss
 
     @staticmethod
@@ -156,15 +163,27 @@ class MaskedAdamW(Optimizer):
                 layer.mark_synced()
 
     @staticmethod
-    def _masked_step(layer, delta, grad, state, step, hyper) -> None:
+    def _fused_triton_step(batch, hyper) -> None:
+        """Masked deltas on the Triton backend whose weights share a device and dtype: the fused step of all of
+        them in one launch (per matrix, the work masked_adamw_triton does; one launch instead of one each saves
+        the per-launch host time, which bounds a GPU step once the model's own kernels are captured)."""
+        masked_adamw_op.masked_adamw_multi_triton(
+            [(layer.weight, layer.base, delta, grad, state["exp_avg"], state["exp_avg_sq"], layer.key,
+              state["step"].item()) for layer, delta, grad, state in batch], **hyper)
+        # The kernel writes through pointers; bump the version counters as the in-place torch ops of the CPU path
+        # do, so autograd still catches a graph that saved the old weight being backpropagated later.
+        increment_version([t for layer, delta, _, state in batch
+                           for t in (delta, layer.weight, state["exp_avg"], state["exp_avg_sq"])])
+        for layer, *_ in batch:
+            layer.mark_synced()
+
+    @staticmethod
+    def _masked_step(layer, delta, grad, state, step, hyper, backend) -> None:
         weight = layer.weight
         args = (weight, layer.base, delta, grad, state["exp_avg"], state["exp_avg_sq"], layer.key)
-        backend = kernel_backend(weight.device)
-        if backend in ("triton", "cuda"):
-            fused = masked_adamw_op.masked_adamw_triton if backend == "triton" else native_op.masked_adamw_cuda
-            fused(*args, step=step, **hyper)
-            # The kernel writes through pointers; bump the version counters as the in-place torch ops of the CPU
-            # path do, so autograd still catches a graph that saved the old weight being backpropagated later.
+        if backend == "cuda":
+            native_op.masked_adamw_cuda(*args, step=step, **hyper)
+            # As in _fused_triton_step: the kernel writes through pointers, the version counters are bumped here.
             increment_version((delta, weight, state["exp_avg"], state["exp_avg_sq"]))
         else:
             masked_adamw_op.masked_adamw_torch(*args, step=step, positions=layer.mask.positions(weight.device),

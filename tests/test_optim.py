@@ -1,5 +1,6 @@
-"""MaskedAdamW against torch.optim.AdamW followed by a sync, and its Triton kernel (run by the interpreter,
-TRITON_INTERPRET=1 from conftest.py) against the torch twin."""
+"""MaskedAdamW against torch.optim.AdamW followed by a sync, and its Triton kernels (run by the interpreter,
+TRITON_INTERPRET=1 from conftest.py): the single-matrix one against the torch twin, the multi-tensor one against
+a launch of the single-matrix one per matrix."""
 import io
 import os
 
@@ -199,38 +200,147 @@ def test_triton_kernel_matches_twin(dtype, beta1):
             assert ours[0].abs().min() > 0
 
 
+def multi_batch(dtype, gen):
+    """[weight, base, delta, exp_avg, exp_avg_sq, key] lists for one multi-tensor launch: different shapes and n (a
+    1-row matrix, a transposed Conv1D-like view over 2 programs, an n = 0 one) and keys whose 32-bit halves are
+    small and >= 2^31, which the single-matrix kernel gets as i32 and as i64 arguments."""
+    matrices = []
+    for shape, n, transposed, key in (((1, 1031), 700, False, 3 << 32 | 5), ((40, 61), 1500, True, KEY),
+                                      ((5, 7), 0, False, KEY), ((9, 13), 20, False, 2**64 - 1)):
+        weight = torch.randn(shape[::-1] if transposed else shape, generator=gen).to(dtype)
+        weight = weight.T if transposed else weight
+        rows, cols = positions(shape, n, key)
+        matrices.append([weight, weight[rows, cols], *(torch.zeros(n) for _ in range(3)), key])
+    return matrices
+
+
 @triton_only
-def test_optimizer_dispatches_to_triton(monkeypatch):
-    pytest.importorskip("transformers")
-    monkeypatch.setenv("RANDMASK_BACKEND", "torch")
-    layers = []
-    for _ in range(2):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("weight_decay,beta1", [(0.0, 0.9), (0.1, 0.3)], ids=["no-decay", "decay-lerp-from-end"])
+def test_multi_tensor_kernel_matches_one_launch_each(dtype, weight_decay, beta1):
+    gen = torch.Generator().manual_seed(6)
+    ours = multi_batch(dtype, gen)
+    initial = [weight.clone() for weight, *_ in ours]
+    ref = [[t.clone() if torch.is_tensor(t) else t for t in matrix] for matrix in ours]
+    hyper = {"lr": 1e-2, "beta1": beta1, "beta2": 0.999, "eps": 1e-8, "weight_decay": weight_decay}
+    for steps in ((1, 3, 1, 2), (2, 4, 2, 3), (3, 5, 3, 4)):  # each matrix its own step count
+        grads = [torch.randn(delta.numel(), generator=gen) for _, _, delta, *_ in ours]
+        ma.masked_adamw_multi_triton([(weight, base, delta, grad, exp_avg, exp_avg_sq, key, step)
+                                      for (weight, base, delta, exp_avg, exp_avg_sq, key), grad, step
+                                      in zip(ours, grads, steps)], **hyper)
+        for (weight, base, delta, exp_avg, exp_avg_sq, key), grad, step in zip(ref, grads, steps):
+            ma.masked_adamw_triton(weight, base, delta, grad, exp_avg, exp_avg_sq, key, step=step, **hyper)
+        for matrix, ref_matrix in zip(ours, ref):  # the same kernel body and scalars: bitwise equal
+            for name, got, want in zip(("weight", "base", "delta", "exp_avg", "exp_avg_sq"), matrix, ref_matrix):
+                assert torch.equal(got, want), name
+    for (weight, _, delta, *_, key), w0 in zip(ours, initial):
+        outside = torch.ones(weight.shape, dtype=torch.bool)
+        outside[positions(tuple(weight.shape), delta.numel(), key)] = False
+        assert torch.equal(weight[outside], w0[outside])  # bitwise untouched outside the mask
+        assert delta.numel() == 0 or delta.abs().min() > 0
+
+
+class Stack(nn.Module):
+    """MaskedLinear layers of two weight dtypes, one under a 2-program n, and an unfrozen bias (a plain parameter)."""
+
+    def __init__(self):
+        super().__init__()
         torch.manual_seed(0)
-        layers.append(MaskedLinear(40, 30, density=0.5, seed=2, name="q"))  # n = 600: one program
-    ours, ref = layers
-    launches = []
-    real = ma.masked_adamw_triton
-    monkeypatch.setattr(ma, "masked_adamw_triton", lambda *a, **k: launches.append(a[0]) or real(*a, **k))
-    opt, ref_opt = MaskedAdamW(ours.parameters(), **HYPER), MaskedAdamW(ref.parameters(), **HYPER)
+        self.q = MaskedLinear(40, 30, density=0.5, seed=2, name="q")  # n = 600
+        self.v = MaskedLinear(48, 40, density=0.75, seed=2, name="v")  # n = 1440: two programs
+        self.o = MaskedLinear(30, 20, density=0.3, seed=2, name="o", dtype=torch.bfloat16)
+        self.k = MaskedLinear(20, 10, density=0.4, seed=2, name="k")
+        self.o.bias.requires_grad_(True)
+
+    def masked(self):
+        return (self.q, self.v, self.o, self.k)
+
+
+@triton_only
+def test_optimizer_steps_triton_in_one_launch_per_group_and_dtype(monkeypatch):
+    monkeypatch.setenv("RANDMASK_BACKEND", "torch")
+    ours, ref = Stack(), Stack()
+
+    def optimizer(model):  # two groups: the second with its own lr and no weight decay
+        return MaskedAdamW([{"params": [model.q.delta, model.v.delta, model.o.delta, model.o.bias]},
+                            {"params": [model.k.delta], "lr": 1e-2, "weight_decay": 0.0}], **HYPER)
+
+    opt, ref_opt = optimizer(ours), optimizer(ref)
+    names = {layer.delta: layer.name for layer in ours.masked()}
+    launches, single_launches = [], []  # the names of the deltas each launch steps
+    real = ma.masked_adamw_multi_triton
+    monkeypatch.setattr(ma, "masked_adamw_multi_triton",
+                        lambda batch, **k: launches.append([names[entry[2]] for entry in batch]) or real(batch, **k))
+    monkeypatch.setattr(ma, "masked_adamw_triton", lambda *a, **k: single_launches.append(a))
     gen = torch.Generator().manual_seed(3)
-    for _ in range(2):
-        grad = torch.randn(600, generator=gen)
-        ours.delta.grad, ref.delta.grad = grad.clone(), grad.clone()
-        version = ours.delta._version
+    for step in range(3):
+        for model in (ours, ref):
+            model.zero_grad()
+        for param, ref_param in zip(ours.parameters(), ref.parameters()):
+            # v has no gradient at the first step, so its step count lags q's in the same launch
+            if param.requires_grad and (step or param is not ours.v.delta):
+                param.grad = torch.randn(param.shape, generator=gen).to(param.dtype)
+                ref_param.grad = param.grad.clone()
+        versions = [(layer.delta._version, layer.weight._version) for layer in ours.masked()]
+        launches.clear()
         monkeypatch.setenv("RANDMASK_BACKEND", "triton")
         opt.step()
         monkeypatch.setenv("RANDMASK_BACKEND", "torch")
         ref_opt.step()
-        assert ours.delta._version > version  # bumped like the in-place ops of the CPU path
-    assert len(launches) == 2 and launches[0] is ours.weight
-    torch.testing.assert_close(ours.delta, ref.delta, rtol=2**-20, atol=1e-7)
-    rows, cols = ours.positions()
-    assert torch.equal(ours.weight[rows, cols], ours.base + ours.delta.detach())
+        # one launch for the first group's fp32 deltas, one for its bf16 delta, one for the second group
+        assert launches == [["q", "v"] if step else ["q"], ["o"], ["k"]]
+        for layer, (delta_version, weight_version) in zip(ours.masked(), versions):
+            if layer.delta.grad is not None:  # bumped like the in-place ops of the CPU path
+                assert layer.delta._version > delta_version and layer.weight._version > weight_version
+    assert single_launches == []
+    assert opt.state[ours.v.delta]["step"].item() == 2 and opt.state[ours.q.delta]["step"].item() == 3
+    for layer, ref_layer in zip(ours.masked(), ref.masked()):
+        state, ref_state = opt.state[layer.delta], ref_opt.state[ref_layer.delta]
+        assert torch.equal(state["step"], ref_state["step"])
+        # as test_triton_kernel_matches_twin: m and v to 2 ulps (bitwise on an AVX512 build), delta to fp32 rounding
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state[key], ref_state[key], rtol=2**-22, atol=0)
+        torch.testing.assert_close(layer.delta, ref_layer.delta, rtol=2**-20, atol=1e-7)
+        rows, cols = layer.positions()
+        merged = (layer.base.float() + layer.delta.detach()).to(layer.weight.dtype)
+        if layer.weight.dtype == torch.bfloat16:
+            assert_bf16_within_one_ulp(layer.weight[rows, cols], merged)
+        else:
+            assert torch.equal(layer.weight[rows, cols], merged)
+        outside = ~mask_of(layer)
+        assert torch.equal(layer.weight[outside], ref_layer.weight[outside])
+    assert torch.equal(ours.o.bias, ref.o.bias)  # the plain AdamW path, the same on both backends
     synced = []
     monkeypatch.setattr(layer_module, "sparse_update", lambda *args: synced.append(1))
     with torch.no_grad():
-        ours(torch.randn(3, 40))
-    assert synced == []
+        for layer in ours.masked():
+            layer(torch.randn(3, layer.in_features).to(layer.weight.dtype))
+    assert synced == []  # the step marked the layers synced
+
+
+@triton_only
+def test_multi_tensor_kernel_refuses_bad_batches():
+    gen = torch.Generator().manual_seed(7)
+    hyper = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
+    fp32, bf16 = multi_batch(torch.float32, gen)[0], multi_batch(torch.bfloat16, gen)[3]
+    before = [t.clone() for t in fp32[:5]]
+
+    def launch(*matrices, step=1):
+        ma.masked_adamw_multi_triton([(*m[:3], torch.ones(m[2].numel()), *m[3:], step) for m in matrices], **hyper)
+
+    with pytest.raises(ValueError, match="one dtype and device: got torch.bfloat16 .* batch of torch.float32"):
+        launch(fp32, bf16)
+    with pytest.raises(ValueError, match="weights must be one of"):
+        launch([fp32[0].to(torch.int32), fp32[1].to(torch.int32), *fp32[2:]])
+    with pytest.raises(ValueError, match="step"):
+        launch(fp32, step=0)
+    with pytest.raises(ValueError, match="exp_avg is updated in place and must be contiguous"):
+        launch([*fp32[:3], torch.zeros(2 * fp32[2].numel())[::2], *fp32[4:]])
+    with pytest.raises(ValueError, match="base must be"):
+        launch([fp32[0], fp32[1].to(torch.bfloat16), *fp32[2:]])
+    with pytest.raises(ValueError, match="n must be in"):
+        launch([fp32[0][:, :1], fp32[1], *fp32[2:]])
+    assert all(torch.equal(t, t0) for t, t0 in zip(fp32[:5], before))  # checked before anything is written
 
 
 # ---------------------------------------------------------------- (d) state_dict round trip
