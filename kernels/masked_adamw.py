@@ -77,11 +77,15 @@ def _check_args(weight, base, delta, grad, exp_avg, exp_avg_sq, step):
         raise ValueError(f"step is the step count after its increment (>= 1), got {step}")
 
 
-def _check_in_place(delta, exp_avg, exp_avg_sq):
-    """The kernels index these three as flat arrays and write them in place: no copy can stand in."""
+def _kernel_args(weight, base, delta, grad, exp_avg, exp_avg_sq, key, step):
+    """Checks one matrix's arguments for the Triton kernels; returns its n and mask arguments. The kernels index
+    delta, exp_avg and exp_avg_sq as flat arrays and write them in place, so no copy can stand in for them."""
+    _check_args(weight, base, delta, grad, exp_avg, exp_avg_sq, step)
     for name, t in (("delta", delta), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if not t.is_contiguous():
             raise ValueError(f"{name} is updated in place and must be contiguous")
+    n = delta.numel()
+    return n, kernel_mask_args(weight.numel(), n, key)
 
 
 # ---------------------------------------------------------------- torch twins (CPU path and test oracle)
@@ -209,10 +213,7 @@ if triton is not None:
 def masked_adamw_triton(weight, base, delta, grad, exp_avg, exp_avg_sq, key, *, lr, beta1, beta2, eps,
                         weight_decay, step, positions=None):
     """The fused step in one Triton launch of ceil(n / BLOCK) programs; `positions` is ignored (computed inline)."""
-    _check_args(weight, base, delta, grad, exp_avg, exp_avg_sq, step)
-    _check_in_place(delta, exp_avg, exp_avg_sq)
-    n = delta.numel()
-    mask = kernel_mask_args(weight.numel(), n, key)
+    n, mask = _kernel_args(weight, base, delta, grad, exp_avg, exp_avg_sq, key, step)
     if n == 0:
         return
     scalars = adamw_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
@@ -241,10 +242,7 @@ def masked_adamw_multi_triton(batch, *, lr, beta1, beta2, eps, weight_decay):
         if weight.dtype != weight_dtype or weight.device != device:
             raise ValueError(f"one launch steps weights of one dtype and device: got {weight.dtype} on "
                              f"{weight.device} in a batch of {weight_dtype} on {device}")
-        _check_args(weight, base, delta, grad, exp_avg, exp_avg_sq, step)
-        _check_in_place(delta, exp_avg, exp_avg_sq)
-        n = delta.numel()
-        mask = kernel_mask_args(weight.numel(), n, key)
+        n, mask = _kernel_args(weight, base, delta, grad, exp_avg, exp_avg_sq, key, step)
         if n == 0:
             continue
         base, grad = base.contiguous(), grad.contiguous()  # read as flat arrays; kept alive until the launch
