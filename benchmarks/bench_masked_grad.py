@@ -30,6 +30,7 @@ benchmarks/results/masked_grad_<device>_<dtype>[_<threads>t].{md,json,png} (--no
 """
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -113,15 +114,16 @@ def variants(device, x, grad_y, shape, n, key, density):
 
 
 def interleaved_ms(found, device, repeats, stat):
-    """Per variant, the median (or min) over `repeats` rounds of one call each, the variants interleaved and their
-    order rotated each round (so no variant always runs first, right after the previous round's last)."""
+    """Per variant, the median (or min) over `repeats` rounds of one call each, the variants interleaved in an order
+    shuffled each round (seeded): a call right after a variant with big temporaries runs slower even after its warm
+    call (measured up to 2x on the CPU), so no variant may keep one predecessor."""
     for fn in found.values():
         fn()  # warm-up (Triton compiles, the dispatch column's positions cache)
     times = {name: [] for name in found}
-    order = list(found)
-    for round_index in range(repeats):
-        shift = round_index % len(order)
-        for name in order[shift:] + order[:shift]:
+    order, shuffle = list(found), random.Random(0).shuffle
+    for _ in range(repeats):
+        shuffle(order)
+        for name in order:
             fn = found[name]
             if not times[name] or times[name][-1] < WARM_BELOW_S:
                 fn()  # untimed: caches warm with this variant's operands, not with the previous variant's temporaries

@@ -11,13 +11,14 @@
 //   1. positions: each thread computes (r_k, c_k) for its static range of slots; when rows hold >= 2 slots on
 //      average (n >= 2 * out) a counting sort by row (per-thread histograms, one serial prefix sum) groups them,
 //      so consecutive dot products share the row of grad_y^T (scratch: 8-20 bytes per slot);
-//   2. per chunk of TC tokens (TC: both transposed copies in ~768 KiB, i.e. L2; 16 <= TC <= 1024), threads split
-//      the features in blocks of 64 and transpose x and grad_y into fp32 (in, TC) and (out, TC) buffers, every
-//      feature one contiguous, 64-byte aligned, zero-padded token vector (8x8 AVX2 register transposes when the
-//      features are contiguous); barrier;
+//   2. per chunk of TC tokens (TC: both transposed copies in ~768 KiB, see kChunkBytes; 16 <= TC <= 1024), threads
+//      split the features in blocks of 64 and transpose x and grad_y into fp32 (in, TC) and (out, TC) buffers,
+//      every feature one contiguous, 64-byte aligned, zero-padded token vector (8x8 AVX2 register transposes when
+//      the features are contiguous); barrier;
 //   3. threads take blocks of 256 slots of the (sorted) list dynamically; a slot is a dot product of two
-//      contiguous vectors, four slots of one row at a time (one load of the grad_y row feeds four FMA chains),
-//      added into g[k]; barrier, next chunk. The blocks are fixed, so results do not depend on the thread count.
+//      contiguous vectors, four slots of one row at a time (one load of the grad_y row feeds four FMA chains, and
+//      their four sums are reduced together), added into g[k]; barrier, next chunk. The blocks are fixed, so
+//      results do not depend on the thread count.
 // Gather / sparse update: threads over blocks of 1024 slots (positions of a block, then the reads or the rounded
 // writes). The loops exist for AVX-512, AVX2+FMA+F16C (intrinsics or vectorised C++ under per-function target
 // attributes) and portable C++; the best this CPU supports is picked when the library loads, so the library
@@ -48,7 +49,10 @@
 namespace {
 
 constexpr int64_t kAlign = 16;          // floats per 64-byte line: token vectors are padded to a multiple of this
-constexpr int64_t kChunkBytes = 768 << 10;  // target size of one chunk's transposed copies (L2 is 512 KiB-2 MiB)
+// Target size of one chunk's transposed copies (L2 is 512 KiB-2 MiB). Measured against 2 MiB on the SmolLM2-135M
+// shapes at 512 tokens (min over 20 interleaved rounds, 2-core CI machine): 2 MiB was 10-17% faster with two threads
+// on the 1536-wide shapes but 4-9% slower with one thread, so this stays.
+constexpr int64_t kChunkBytes = 768 << 10;
 constexpr int64_t kMinChunk = 16, kMaxChunk = 1024;  // tokens per chunk (16 only for very wide layers)
 constexpr int64_t kSerialWork = 1 << 20;  // below this many multiply-adds one thread does the whole call
 constexpr int64_t kDotBlock = 256;        // slots per unit of work of the dot-product phase
@@ -281,7 +285,19 @@ struct Avx512 {
     RANDMASK_TARGET("avx512f") static V zero() { return _mm512_setzero_ps(); }
     RANDMASK_TARGET("avx512f") static V load(const float* p) { return _mm512_load_ps(p); }
     RANDMASK_TARGET("avx512f") static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    RANDMASK_TARGET("avx512f") static V add(V a, V b) { return _mm512_add_ps(a, b); }
     RANDMASK_TARGET("avx512f") static float sum(V a, V b) { return hsum512(_mm512_add_ps(a, b)); }
+    // out[j] = sum of the floats of v_j, j < 4: the four 512-bit vectors reduced together
+    RANDMASK_TARGET("avx512f") static void sum4(V v0, V v1, V v2, V v3, float* out) {
+        // maskz forms: the plain unpacks trip the same GCC 12 false positive as the extracts (see hsum512)
+        const V t0 = _mm512_add_ps(_mm512_maskz_unpacklo_ps(0xFFFF, v0, v1), _mm512_maskz_unpackhi_ps(0xFFFF, v0, v1));
+        const V t1 = _mm512_add_ps(_mm512_maskz_unpacklo_ps(0xFFFF, v2, v3), _mm512_maskz_unpackhi_ps(0xFFFF, v2, v3));
+        const V r = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));  // (a, b, c, d) per lane
+        const __m128 lo = _mm_add_ps(_mm512_maskz_extractf32x4_ps(0xF, r, 0), _mm512_maskz_extractf32x4_ps(0xF, r, 1));
+        const __m128 hi = _mm_add_ps(_mm512_maskz_extractf32x4_ps(0xF, r, 2), _mm512_maskz_extractf32x4_ps(0xF, r, 3));
+        _mm_storeu_ps(out, _mm_add_ps(lo, hi));
+    }
 };
 
 RANDMASK_TARGET("avx2,fma")
@@ -298,7 +314,15 @@ struct Avx2 {
     RANDMASK_TARGET("avx2,fma") static V zero() { return _mm256_setzero_ps(); }
     RANDMASK_TARGET("avx2,fma") static V load(const float* p) { return _mm256_load_ps(p); }
     RANDMASK_TARGET("avx2,fma") static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    RANDMASK_TARGET("avx2,fma") static V add(V a, V b) { return _mm256_add_ps(a, b); }
     RANDMASK_TARGET("avx2,fma") static float sum(V a, V b) { return hsum256(_mm256_add_ps(a, b)); }
+    RANDMASK_TARGET("avx2,fma") static void sum4(V v0, V v1, V v2, V v3, float* out) {
+        const V t0 = _mm256_add_ps(_mm256_unpacklo_ps(v0, v1), _mm256_unpackhi_ps(v0, v1));
+        const V t1 = _mm256_add_ps(_mm256_unpacklo_ps(v2, v3), _mm256_unpackhi_ps(v2, v3));
+        const V r = _mm256_add_ps(_mm256_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm256_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));  // (a, b, c, d) per lane
+        _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1)));
+    }
 };
 
 // The dot products with an ISA's vectors: two FMA chains per product (s* over the first W floats of each 2W step,
@@ -329,7 +353,7 @@ struct DotSimd {
             s2 = Simd::fma(a0, Simd::load(b2 + t), s2);
             s3 = Simd::fma(a0, Simd::load(b3 + t), s3);
         }
-        s[0] = Simd::sum(s0, u0), s[1] = Simd::sum(s1, u1), s[2] = Simd::sum(s2, u2), s[3] = Simd::sum(s3, u3);
+        Simd::sum4(Simd::add(s0, u0), Simd::add(s1, u1), Simd::add(s2, u2), Simd::add(s3, u3), s);
     }
     static float one(const float* __restrict a, const float* __restrict b, int64_t ld) {
         V s0 = Simd::zero(), s1 = s0;
