@@ -152,6 +152,12 @@ def flat_to_slot_torch(flat: torch.Tensor, numel: int, key: int) -> torch.Tensor
 # inserts overflow asserts into every integer op, and these would fire.
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints >= 0, for launch grids: triton.cdiv is a constexpr function since triton 3, ~2 us a call
+    from Python (~6 us on a GPU machine's slower host), and a launcher makes several per call."""
+    return -(-a // b)
+
+
 def kernel_mask_args(numel: int, n: int, key: int) -> tuple[int, int, int, int, int]:
     """(numel, A, B, k0, k1): the mask arguments every Triton kernel takes, in that order (0 <= n <= numel)."""
     if triton is None:

@@ -36,7 +36,7 @@ them (computing them from the key when absent), the kernels compute positions in
 """
 import torch
 
-from .mask_addressing import kernel_mask_args, slot_to_flat_torch  # plain Python: fine without triton
+from .mask_addressing import cdiv, kernel_mask_args, slot_to_flat_torch  # plain Python: fine without triton
 from .sparse_update import sparse_update_torch
 
 try:
@@ -217,7 +217,7 @@ def masked_adamw_triton(weight, base, delta, grad, exp_avg, exp_avg_sq, key, *, 
     if n == 0:
         return
     scalars = adamw_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
-    masked_adamw_kernel[(triton.cdiv(n, BLOCK),)](weight, base.contiguous(), delta, grad.contiguous(), exp_avg,
+    masked_adamw_kernel[(cdiv(n, BLOCK),)](weight, base.contiguous(), delta, grad.contiguous(), exp_avg,
                                                   exp_avg_sq, n, weight.shape[1], *mask, *weight.stride(),
                                                   *(float(s) for s in scalars), BLOCK=BLOCK, enable_fp_fusion=False)
 
@@ -250,7 +250,7 @@ def masked_adamw_multi_triton(batch, *, lr, beta1, beta2, eps, weight_decay):
         step_scalars += adamw_scalars(**hyper, step=step)[4:6]  # neg_step_size, bias_correction2_sqrt
         table += (weight.data_ptr(), base.data_ptr(), delta.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(),
                   exp_avg_sq.data_ptr(), n, weight.shape[1], *mask, *weight.stride(), len(block_param))
-        block_param += [len(flat_inputs) - 1] * ((n + BLOCK - 1) // BLOCK)  # triton.cdiv costs ~5 us a call
+        block_param += [len(flat_inputs) - 1] * cdiv(n, BLOCK)
     if not block_param:
         return
     # One host table (the rows, then each program's matrix) and one of fp32 scalars. On a GPU they travel by

@@ -83,7 +83,7 @@ def masked_grad_torch(x, grad_y, rows, cols):
 # tf32 passes: fp32-level accuracy, still on tensor cores; plain tf32 would lose ~3 decimal digits, which torch
 # does not do by default). Under TRITON_INTERPRET=1 (CPU tensors) DOT_DTYPE is fp32, because the interpreter's
 # bf16 arithmetic and bf16 tl.dot give garbage; a constexpr, so the GPU build carries no cast.
-from .mask_addressing import kernel_mask_args  # plain Python: raises a clear error when triton is missing
+from .mask_addressing import cdiv, kernel_mask_args  # plain Python: raises a clear error when triton is missing
 
 try:
     import triton
@@ -228,10 +228,10 @@ def _tokens_per_split(blocks: int, T: int, device: torch.device) -> int:
     so a few slot blocks over many tokens would leave most multiprocessors idle (measured on an H200: 1678 slots x
     8192 tokens took 1.14 ms in 14 programs); splitting the tokens fills the chip, and the (splits, n) partial sums
     are added in a fixed order afterwards. Splits stay >= 4 chunks of BLOCK_T deep so the partials stay small."""
-    chunks = triton.cdiv(T, GATHER_BLOCK_T)
-    wanted = triton.cdiv(GATHER_PROGRAMS_PER_SM * _multiprocessors(device), max(blocks, 1))
+    chunks = cdiv(T, GATHER_BLOCK_T)
+    wanted = cdiv(GATHER_PROGRAMS_PER_SM * _multiprocessors(device), max(blocks, 1))
     splits = max(1, min(wanted, chunks // 4))
-    return triton.cdiv(chunks, splits) * GATHER_BLOCK_T
+    return cdiv(chunks, splits) * GATHER_BLOCK_T
 
 
 def _launch_masked_grad(x, grad_y, n, key, dense: bool):
@@ -242,9 +242,9 @@ def _launch_masked_grad(x, grad_y, n, key, dense: bool):
     if n == 0 or T == 0:
         return torch.zeros(n, dtype=torch.float32, device=x.device)
     if not dense:
-        blocks = triton.cdiv(n, GATHER_BLOCK_K)
+        blocks = cdiv(n, GATHER_BLOCK_K)
         tokens_per_split = _tokens_per_split(blocks, T, x.device)
-        splits = triton.cdiv(T, tokens_per_split)
+        splits = cdiv(T, tokens_per_split)
         partial = torch.empty(splits * n, dtype=torch.float32, device=x.device)  # (splits, n) partial sums
         masked_grad_gather_kernel[(blocks, splits)](x, grad_y, partial, T, tokens_per_split, n, in_features, *common,
                                                     BLOCK_K=GATHER_BLOCK_K, BLOCK_T=GATHER_BLOCK_T)
@@ -252,7 +252,7 @@ def _launch_masked_grad(x, grad_y, n, key, dense: bool):
     g = torch.empty(n, dtype=torch.float32, device=x.device)
     half = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
     dot_dtype = half.get(x.dtype, tl.float32) if x.is_cuda and x.dtype == grad_y.dtype else tl.float32
-    grid = (triton.cdiv(out_features, DENSE_BLOCK_M) * triton.cdiv(in_features, DENSE_BLOCK_N),)
+    grid = (cdiv(out_features, DENSE_BLOCK_M) * cdiv(in_features, DENSE_BLOCK_N),)
     masked_grad_dense_kernel[grid](x, grad_y, g, T, n, out_features, in_features, *common, BLOCK_M=DENSE_BLOCK_M,
                                    BLOCK_N=DENSE_BLOCK_N, BLOCK_T=DENSE_BLOCK_T, GROUP_M=DENSE_GROUP_M,
                                    DOT_DTYPE=dot_dtype)
@@ -270,15 +270,15 @@ def masked_grad_rows_triton(x, grad_y, n, key):
         return torch.zeros(n, dtype=torch.float32, device=x.device)
     row_bytes = in_features * x.element_size() + out_features * grad_y.element_size()
     block_t = min(ROWS_MAX_BLOCK_T, 1 << max(0, (ROWS_BYTES // row_bytes).bit_length() - 1))  # a power of two
-    slot_splits = triton.cdiv(n, ROWS_SLOTS)
-    slots_per_split = triton.cdiv(triton.cdiv(n, slot_splits), ROWS_BLOCK_K) * ROWS_BLOCK_K
-    token_blocks = triton.cdiv(T, block_t)
-    wanted = triton.cdiv(GATHER_PROGRAMS_PER_SM * _multiprocessors(x.device), slot_splits)
+    slot_splits = cdiv(n, ROWS_SLOTS)
+    slots_per_split = cdiv(cdiv(n, slot_splits), ROWS_BLOCK_K) * ROWS_BLOCK_K
+    token_blocks = cdiv(T, block_t)
+    wanted = cdiv(GATHER_PROGRAMS_PER_SM * _multiprocessors(x.device), slot_splits)
     token_splits = max(1, min(wanted, token_blocks, ROWS_PARTIAL_BYTES // (4 * n)))
-    tokens_per_split = triton.cdiv(token_blocks, token_splits) * block_t
-    token_splits = triton.cdiv(T, tokens_per_split)
+    tokens_per_split = cdiv(token_blocks, token_splits) * block_t
+    token_splits = cdiv(T, tokens_per_split)
     partial = torch.zeros(token_splits * n, dtype=torch.float32, device=x.device)
-    masked_grad_rows_kernel[(token_splits, triton.cdiv(n, slots_per_split))](
+    masked_grad_rows_kernel[(token_splits, cdiv(n, slots_per_split))](
         x, grad_y, partial, T, tokens_per_split, n, slots_per_split, in_features, *mask, *x.stride(),
         *grad_y.stride(), BLOCK_K=ROWS_BLOCK_K, BLOCK_T=block_t)
     return partial if token_splits == 1 else partial.view(token_splits, n).sum(0)

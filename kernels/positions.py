@@ -8,7 +8,7 @@ the CPU path; randmask/addressing.py dispatches). Importable without triton: the
 """
 import torch
 
-from .mask_addressing import kernel_mask_args
+from .mask_addressing import cdiv, kernel_mask_args
 
 try:
     import triton
@@ -51,7 +51,7 @@ def mask_positions_triton(out_features: int, in_features: int, n: int, key: int,
     rows = torch.empty(n, dtype=torch.int64, device=device)
     cols = torch.empty(n, dtype=torch.int64, device=device)
     if n > 0:
-        mask_positions_kernel[(triton.cdiv(n, BLOCK),)](rows, cols, n, in_features, *mask, BLOCK=BLOCK)
+        mask_positions_kernel[(cdiv(n, BLOCK),)](rows, cols, n, in_features, *mask, BLOCK=BLOCK)
     return rows, cols
 
 
@@ -63,6 +63,6 @@ def mask_slots_triton(rows: torch.Tensor, cols: torch.Tensor, out_features: int,
     flat_cols = cols.reshape(-1).to(torch.int64).contiguous()
     slots = torch.full_like(flat_rows, -1)
     if n > 0 and slots.numel() > 0:
-        mask_slots_kernel[(triton.cdiv(slots.numel(), BLOCK),)](flat_rows, flat_cols, slots, slots.numel(), n,
+        mask_slots_kernel[(cdiv(slots.numel(), BLOCK),)](flat_rows, flat_cols, slots, slots.numel(), n,
                                                                 in_features, *mask, BLOCK=BLOCK)
     return slots.view(rows.shape)

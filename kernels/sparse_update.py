@@ -7,7 +7,7 @@ Only the n masked entries are touched; every other entry of weight stays bitwise
 """
 import torch
 
-from .mask_addressing import kernel_mask_args  # plain Python: raises a clear error when triton is missing
+from .mask_addressing import cdiv, kernel_mask_args  # plain Python: raises a clear error when triton is missing
 
 try:
     import triton
@@ -56,7 +56,7 @@ def _launch(weight, base, delta, n, key, update: bool):
         raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
     mask = kernel_mask_args(weight.numel(), n, key)
     if n > 0:
-        sparse_weight_kernel[(triton.cdiv(n, BLOCK),)](weight, base, delta, n, weight.shape[1], *mask,
+        sparse_weight_kernel[(cdiv(n, BLOCK),)](weight, base, delta, n, weight.shape[1], *mask,
                                                        *weight.stride(), UPDATE=update, BLOCK=BLOCK)
 
 

@@ -1,5 +1,6 @@
 """Mask addressing: the committed vectors, the bijection, exact counts, O(n) cost, and clear errors."""
 import ast
+import math
 import pathlib
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from randmask import MatrixMask, count_for_density, layer_key, mask_positions, mask_slots
-from randmask.kernels.mask_addressing import slot_to_flat_torch
+from randmask.kernels.mask_addressing import cdiv, slot_to_flat_torch
 
 VECTORS = pathlib.Path(__file__).parent / "vectors"
 
@@ -130,3 +131,11 @@ def test_enumeration_is_linear_in_n_not_in_matrix_size():
 def test_bad_arguments_are_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_cdiv_is_the_ceiling_of_the_quotient():
+    # the launchers' grid sizes (cdiv stands in for triton.cdiv, which is slow from Python)
+    for a in range(0, 300):
+        for b in (1, 2, 7, 32, 128, 1024):
+            assert cdiv(a, b) == math.ceil(a / b)
+    assert cdiv(2**40 + 1, 2**20) == 2**20 + 1
