@@ -234,10 +234,15 @@ def _tokens_per_split(blocks: int, T: int, device: torch.device) -> int:
     return cdiv(chunks, splits) * GATHER_BLOCK_T
 
 
-def _launch_masked_grad(x, grad_y, n, key, dense: bool):
+def _activation_shapes(x, grad_y):
+    """((T, in), out) of x (T, in) and grad_y (T, out); a clear error for anything else."""
     if x.dim() != 2 or grad_y.dim() != 2 or x.shape[0] != grad_y.shape[0]:
         raise ValueError(f"x (T, in) and grad_y (T, out) must share T, got {tuple(x.shape)}, {tuple(grad_y.shape)}")
-    (T, in_features), out_features = x.shape, grad_y.shape[1]
+    return x.shape, grad_y.shape[1]
+
+
+def _launch_masked_grad(x, grad_y, n, key, dense: bool):
+    (T, in_features), out_features = _activation_shapes(x, grad_y)
     common = (*kernel_mask_args(out_features * in_features, n, key), *x.stride(), *grad_y.stride())
     if n == 0 or T == 0:
         return torch.zeros(n, dtype=torch.float32, device=x.device)
@@ -262,9 +267,7 @@ def _launch_masked_grad(x, grad_y, n, key, dense: bool):
 def masked_grad_rows_triton(x, grad_y, n, key):
     """g (fp32, length n) by the rows kernel: each block of token rows serves every slot (a candidate). Splits the
     tokens to fill the chip within ROWS_PARTIAL_BYTES of partial sums, added in a fixed order (deterministic)."""
-    if x.dim() != 2 or grad_y.dim() != 2 or x.shape[0] != grad_y.shape[0]:
-        raise ValueError(f"x (T, in) and grad_y (T, out) must share T, got {tuple(x.shape)}, {tuple(grad_y.shape)}")
-    (T, in_features), out_features = x.shape, grad_y.shape[1]
+    (T, in_features), out_features = _activation_shapes(x, grad_y)
     mask = kernel_mask_args(out_features * in_features, n, key)
     if n == 0 or T == 0:
         return torch.zeros(n, dtype=torch.float32, device=x.device)
