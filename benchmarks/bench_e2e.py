@@ -5,7 +5,9 @@ dense-masked model, on one Llama-shaped model built from a config, same batch, s
     python benchmarks/bench_e2e.py --shape 1b --dtype bfloat16 --device cuda
 
 Each method runs in its own process (so peak memory is its own): warm-up steps, then the median of timed steps of
-forward + backward + AdamW step; --rounds repeats all methods interleaved and keeps each one's fastest round. The
+forward + backward + AdamW step (randmask: randmask.MaskedAdamW, the README's optimizer, AdamW with the merged-weight
+write fused in; every other method: torch.optim.AdamW with its defaults); --rounds repeats all methods interleaved
+and keeps each one's fastest round. The
 frozen floor (every weight frozen, input gradients still computed: the work no method can avoid) and full
 fine-tuning do not depend on the targets: each round runs them once and every setting's table shows that run.
 Reports step time and peak memory as ratios to LoRA and to the frozen floor, and the adapter file size.
@@ -93,6 +95,7 @@ def prepare(args):
     linear = {name: m for name, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets}
     lora_count = sum(8 * (m.in_features + m.out_features) for m in linear.values())
+    adamw = torch.optim.AdamW
     if args.method == "frozen":
         model.enable_input_require_grads()  # the backward through every layer still runs
     elif args.method == "full":
@@ -112,10 +115,11 @@ def prepare(args):
             config = randmask.RandMaskConfig(trainable_ratio=lora_count / total, target_modules=targets)
         if args.method == "randmask":
             randmask.apply(model, config)
+            adamw = randmask.MaskedAdamW
         else:
             NaiveMasked.apply(model, targets, {name: n for name, _, n in randmask.plan(model, config)})
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    opt = adamw(trainable, lr=1e-4) if trainable else None
     gen = torch.Generator().manual_seed(1)
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=gen).to(args.device)
 
