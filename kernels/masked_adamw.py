@@ -218,8 +218,8 @@ def masked_adamw_triton(weight, base, delta, grad, exp_avg, exp_avg_sq, key, *, 
         return
     scalars = adamw_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
     masked_adamw_kernel[(cdiv(n, BLOCK),)](weight, base.contiguous(), delta, grad.contiguous(), exp_avg,
-                                                  exp_avg_sq, n, weight.shape[1], *mask, *weight.stride(),
-                                                  *(float(s) for s in scalars), BLOCK=BLOCK, enable_fp_fusion=False)
+                                           exp_avg_sq, n, weight.shape[1], *mask, *weight.stride(),
+                                           *(float(s) for s in scalars), BLOCK=BLOCK, enable_fp_fusion=False)
 
 
 def masked_adamw_multi_triton(batch, *, lr, beta1, beta2, eps, weight_decay):

@@ -64,5 +64,5 @@ def mask_slots_triton(rows: torch.Tensor, cols: torch.Tensor, out_features: int,
     slots = torch.full_like(flat_rows, -1)
     if n > 0 and slots.numel() > 0:
         mask_slots_kernel[(cdiv(slots.numel(), BLOCK),)](flat_rows, flat_cols, slots, slots.numel(), n,
-                                                                in_features, *mask, BLOCK=BLOCK)
+                                                         in_features, *mask, BLOCK=BLOCK)
     return slots.view(rows.shape)

@@ -57,7 +57,7 @@ def _launch(weight, base, delta, n, key, update: bool):
     mask = kernel_mask_args(weight.numel(), n, key)
     if n > 0:
         sparse_weight_kernel[(cdiv(n, BLOCK),)](weight, base, delta, n, weight.shape[1], *mask,
-                                                       *weight.stride(), UPDATE=update, BLOCK=BLOCK)
+                                                *weight.stride(), UPDATE=update, BLOCK=BLOCK)
 
 
 def gather_weight_triton(weight, n, key):
