@@ -172,19 +172,25 @@ if triton is not None:
                            decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps)
 
     @triton.jit
-    def masked_adamw_multi_kernel(table_ptr, step_scalars_ptr, block_param_offset,
+    def masked_adamw_multi_kernel(table_ptr, step_scalars_ptr, matrices,
                                   decay, lerp_weight, beta2, one_minus_beta2, eps,
-                                  WEIGHT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-        # Program i: the BLOCK = 1024 slots k of block i - first_j of matrix j = table[block_param_offset + i],
-        # stepped by masked_adamw_slots (fp32 throughout):
+                                  WEIGHT_DTYPE: tl.constexpr, BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+        # Program i: the BLOCK = 1024 slots k of block i - first_j of matrix j, the last matrix whose first block
+        # first_j is <= i (found by a binary search over the rows, in block order: SEARCH_STEPS = bit length of
+        # matrices - 1), stepped by masked_adamw_slots (fp32 throughout):
         #   delta *= decay;  m = lerp(m, g, lerp_weight);  v = beta2 * v + one_minus_beta2 * g * g
         #   delta += neg_step_size_j * m / (sqrt(v) / bias_correction2_sqrt_j + eps)
         #   weight_j[r_k, c_k] = weight dtype(fp32(base_k) + delta),  (r_k, c_k) = divmod(sigma_j(k), in_j)
         # Row j of the table holds matrix j's addresses, sizes, mask arguments, strides and first block (int64: the
         # values the single-matrix kernel gets as arguments; k0 and k1 become uint32 in slot_to_flat as there), and
         # step_scalars[2j], step_scalars[2j + 1] its step-dependent scalars (fp32); the others are the group's.
-        block = tl.program_id(0)
-        param = tl.load(table_ptr + block_param_offset + block)
+        block = tl.program_id(0).to(tl.int64)
+        param = block * 0
+        for i in tl.static_range(SEARCH_STEPS):  # binary lifting: the largest j with first_j <= block
+            candidate = param + (1 << (SEARCH_STEPS - 1 - i))
+            inside = candidate < matrices
+            first = tl.load(table_ptr + tl.where(inside, candidate, 0) * _TABLE_FIELDS + 15)
+            param = tl.where(inside & (first <= block), candidate, param)
         row = table_ptr + param * _TABLE_FIELDS  # in the order masked_adamw_multi_triton writes it
         weight_ptr = tl.load(row).to(tl.pointer_type(WEIGHT_DTYPE))
         base_ptr = tl.load(row + 1).to(tl.pointer_type(WEIGHT_DTYPE))
@@ -237,7 +243,7 @@ def masked_adamw_multi_triton(batch, *, lr, beta1, beta2, eps, weight_decay):
         raise ValueError(f"weights must be one of {sorted(map(str, WEIGHT_DTYPES))}, got {weight_dtype}")
     hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
     decay, lerp_weight, _, one_minus_beta2, _, _, _ = adamw_scalars(**hyper, step=1)  # the step-independent ones
-    table, step_scalars, block_param, flat_inputs = [], [], [], []
+    table, step_scalars, flat_inputs, blocks = [], [], [], 0
     for weight, base, delta, grad, exp_avg, exp_avg_sq, key, step in batch:
         if weight.dtype != weight_dtype or weight.device != device:
             raise ValueError(f"one launch steps weights of one dtype and device: got {weight.dtype} on "
@@ -249,18 +255,19 @@ def masked_adamw_multi_triton(batch, *, lr, beta1, beta2, eps, weight_decay):
         flat_inputs.append((base, grad))
         step_scalars += adamw_scalars(**hyper, step=step)[4:6]  # neg_step_size, bias_correction2_sqrt
         table += (weight.data_ptr(), base.data_ptr(), delta.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(),
-                  exp_avg_sq.data_ptr(), n, weight.shape[1], *mask, *weight.stride(), len(block_param))
-        block_param += [len(flat_inputs) - 1] * cdiv(n, BLOCK)
-    if not block_param:
+                  exp_avg_sq.data_ptr(), n, weight.shape[1], *mask, *weight.stride(), blocks)
+        blocks += cdiv(n, BLOCK)
+    if not blocks:
         return
-    # One host table (the rows, then each program's matrix) and one of fp32 scalars. On a GPU they travel by
+    # One host table (a row per matrix: O(matrices), whatever n) and one of fp32 scalars. On a GPU they travel by
     # non-blocking copies from pinned memory: a pageable copy would synchronize the stream and stall the host.
     on_gpu = device.type == "cuda"
-    table = torch.tensor(table + block_param, dtype=torch.int64, pin_memory=on_gpu)
+    matrices = len(flat_inputs)
+    table = torch.tensor(table, dtype=torch.int64, pin_memory=on_gpu)
     step_scalars = torch.tensor(step_scalars, dtype=torch.float32, pin_memory=on_gpu)
     if on_gpu:
         table, step_scalars = (t.to(device, non_blocking=True) for t in (table, step_scalars))
-    masked_adamw_multi_kernel[(len(block_param),)](
-        table, step_scalars, len(flat_inputs) * TABLE_FIELDS, float(decay), float(lerp_weight), float(beta2),
-        float(one_minus_beta2), float(eps), WEIGHT_DTYPE=WEIGHT_DTYPES[weight_dtype], BLOCK=BLOCK,
-        enable_fp_fusion=False)
+    masked_adamw_multi_kernel[(blocks,)](
+        table, step_scalars, matrices, float(decay), float(lerp_weight), float(beta2), float(one_minus_beta2),
+        float(eps), WEIGHT_DTYPE=WEIGHT_DTYPES[weight_dtype], BLOCK=BLOCK,
+        SEARCH_STEPS=(matrices - 1).bit_length(), enable_fp_fusion=False)

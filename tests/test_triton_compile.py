@@ -16,7 +16,7 @@ ARCHS = (90, 80)
 # Dtypes of the pointer arguments of each variant; other arguments are i32, except the key halves k0, k1: i64
 # (what Triton makes of a half >= 2^31). The sparse gather passes its output as delta too. Extra constexprs: the rows
 # kernel's token block is the launcher's choice (1 row for a 4096x4096 bf16 layer), and the multi-tensor AdamW kernel's
-# weight dtype.
+# weight dtype and binary-search depth (5: up to 32 matrices).
 VARIANTS = {
     "mask_positions": ("positions", "mask_positions_kernel", {"rows_ptr": "i64", "cols_ptr": "i64"}, {}),
     "mask_slots": ("positions", "mask_slots_kernel", {"rows_ptr": "i64", "cols_ptr": "i64", "slots_ptr": "i64"}, {}),
@@ -38,7 +38,8 @@ VARIANTS = {
                           {"weight_ptr": "bf16", "base_ptr": "bf16", "delta_ptr": "fp32", "grad_ptr": "fp32",
                            "exp_avg_ptr": "fp32", "exp_avg_sq_ptr": "fp32"}, {}),
     "masked_adamw_multi_bf16": ("masked_adamw", "masked_adamw_multi_kernel",
-                                {"table_ptr": "i64", "step_scalars_ptr": "fp32"}, {"WEIGHT_DTYPE": "bfloat16"}),
+                                {"table_ptr": "i64", "step_scalars_ptr": "fp32"},
+                                {"WEIGHT_DTYPE": "bfloat16", "SEARCH_STEPS": 5}),
 }
 # Float scalar arguments (fp32, what Triton makes of a Python float): the AdamW step's host-computed scalars.
 FP32_ARGS = ("decay", "lerp_weight", "beta2", "one_minus_beta2", "neg_step_size", "bias_correction2_sqrt", "eps")
