@@ -14,19 +14,20 @@ Columns (ms per call; "–" where an implementation is not available):
   both  torch-dense is the dense twin (fp32 upcasts, in blocks: the CPU path and test oracle); matmul-gather is the
         dense baseline: grad_y^T x as one matmul in the layer's dtype (cuBLAS / BLAS), then the gather, which is what
         autograd does for SHiRA and SpIEL; the "matmul / dispatch" column is our speed-up over it. The official
-        Random Masking code's way: transposed fp32 copies of x and grad_y made in every backward, then either a per-entry gather
-        (official-gather) or torch.sparse.sampled_addmm over the stored CSR mask (official-sampled; the CSR indices
-        are built once outside the timing, as the official code stores them, and the result is put back in slot
-        order inside it).
+        Random Masking code's way: transposed fp32 copies of x and grad_y made in every backward, then either a
+        per-entry gather (official-gather) or torch.sparse.sampled_addmm over the stored CSR mask (official-sampled;
+        the CSR indices are built once outside the timing, as the official code stores them, and the result is put
+        back in slot order inside it).
 Per shape it reports where the dense variant first beats each gather: the crossovers DENSE_DENSITY_CPU
-(kernels/masked_grad.py), DENSE_DENSITY_NATIVE / DENSE_DENSITY_CUDA (kernels/native.py) and DENSE_DENSITY_GPU
-(kernels/masked_grad.py) should sit near them. The default shapes are SmolLM2-135M's linear layers (q/o 576x576,
-k/v 192x576, gate/up 1536x576, down 576x1536) with 512 tokens (4 x 128).
+(kernels/masked_grad.py) and DENSE_DENSITY_NATIVE / DENSE_DENSITY_CUDA (kernels/native.py) should sit near them; on
+a GPU the tables are what the dispatcher's cost model (masked_grad_way_gpu, kernels/masked_grad.py) is fitted to.
+The default shapes are SmolLM2-135M's linear layers (q/o 576x576, k/v 192x576, gate/up 1536x576, down 576x1536)
+with 512 tokens (4 x 128).
 
-Timing: the variants are interleaved round by round (a load spike on a shared machine hits all of them), then the
-median (or --stat min) of --repeats rounds; CUDA is synchronized around each call; a call under 20 ms is repeated
-untimed just before its timed call (warm caches, as in training where x and grad_y were just touched). Writes
-benchmarks/results/masked_grad_<device>_<dtype>[_<threads>t].{md,json,png} (--no-save: print only).
+Timing: the variants are interleaved round by round, in a shuffled order (a load spike on a shared machine hits all
+of them), then the median (or --stat min) of --repeats rounds; CUDA is synchronized around each call; a call under
+20 ms is repeated untimed just before its timed call (warm caches, as in training where x and grad_y were just
+touched). Writes benchmarks/results/masked_grad_<device>_<dtype>[_<threads>t].{md,json,png} (--no-save: print only).
 """
 import argparse
 import os
@@ -237,7 +238,8 @@ def main():
     if not args.no_save:
         threads = f"_{args.threads}t" if args.threads else ""
         tokens = f"_T{args.tokens}" if args.tokens != 512 else ""
-        path = write_results(f"masked_grad_{device.type}_{args.dtype}{tokens}{threads}", data, "\n".join(markdown), plot)
+        stem = f"masked_grad_{device.type}_{args.dtype}{tokens}{threads}"
+        path = write_results(stem, data, "\n".join(markdown), plot)
         print(f"wrote {path}.md / .json / .png")
 
 
