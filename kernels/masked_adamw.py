@@ -34,6 +34,8 @@ them (computing them from the key when absent), the kernels compute positions in
     masked_adamw_multi_triton: the same for a list of matrices (one weight dtype, own step counts) in one launch
     adamw_torch:          the same step without a weight write, for plain parameters (any shape and dtype)
 """
+import contextlib
+
 import torch
 
 from .mask_addressing import cdiv, kernel_mask_args, slot_to_flat_torch  # plain Python: fine without triton
@@ -267,7 +269,9 @@ def masked_adamw_multi_triton(batch, *, lr, beta1, beta2, eps, weight_decay):
     step_scalars = torch.tensor(step_scalars, dtype=torch.float32, pin_memory=on_gpu)
     if on_gpu:
         table, step_scalars = (t.to(device, non_blocking=True) for t in (table, step_scalars))
-    masked_adamw_multi_kernel[(blocks,)](
-        table, step_scalars, matrices, float(decay), float(lerp_weight), float(beta2), float(one_minus_beta2),
-        float(eps), WEIGHT_DTYPE=WEIGHT_DTYPES[weight_dtype], BLOCK=BLOCK,
-        SEARCH_STEPS=(matrices - 1).bit_length(), enable_fp_fusion=False)
+    # The matrices reach the kernel only through the table, so Triton cannot tell their device: launch on it.
+    with torch.cuda.device(device) if on_gpu else contextlib.nullcontext():
+        masked_adamw_multi_kernel[(blocks,)](
+            table, step_scalars, matrices, float(decay), float(lerp_weight), float(beta2), float(one_minus_beta2),
+            float(eps), WEIGHT_DTYPE=WEIGHT_DTYPES[weight_dtype], BLOCK=BLOCK,
+            SEARCH_STEPS=(matrices - 1).bit_length(), enable_fp_fusion=False)
