@@ -267,12 +267,17 @@ __attribute__((flatten)) void dot_slots_portable(const float* gyt, const float* 
 
 #if RANDMASK_X86
 RANDMASK_TARGET("avx512f")
-inline float hsum512(__m512 v) {
-    // The masked (maskz) extracts: the plain ones (and the 512->256 cast, _mm512_reduce_add_ps) trip GCC 12's
-    // -Wmaybe-uninitialized false positive inside its own headers.
+inline __m128 add_lanes512(__m512 v) {
+    // The sum of v's four 128-bit lanes. The masked (maskz) extracts: the plain ones (and the 512->256 cast,
+    // _mm512_reduce_add_ps) trip GCC 12's -Wmaybe-uninitialized false positive inside its own headers.
     const __m128 lo = _mm_add_ps(_mm512_maskz_extractf32x4_ps(0xF, v, 0), _mm512_maskz_extractf32x4_ps(0xF, v, 1));
     const __m128 hi = _mm_add_ps(_mm512_maskz_extractf32x4_ps(0xF, v, 2), _mm512_maskz_extractf32x4_ps(0xF, v, 3));
-    __m128 s = _mm_add_ps(lo, hi);
+    return _mm_add_ps(lo, hi);
+}
+
+RANDMASK_TARGET("avx512f")
+inline float hsum512(__m512 v) {
+    __m128 s = add_lanes512(v);
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
@@ -289,14 +294,12 @@ struct Avx512 {
     RANDMASK_TARGET("avx512f") static float sum(V a, V b) { return hsum512(_mm512_add_ps(a, b)); }
     // out[j] = sum of the floats of v_j, j < 4: the four 512-bit vectors reduced together
     RANDMASK_TARGET("avx512f") static void sum4(V v0, V v1, V v2, V v3, float* out) {
-        // maskz forms: the plain unpacks trip the same GCC 12 false positive as the extracts (see hsum512)
+        // maskz forms: the plain unpacks trip the same GCC 12 false positive as the extracts (see add_lanes512)
         const V t0 = _mm512_add_ps(_mm512_maskz_unpacklo_ps(0xFFFF, v0, v1), _mm512_maskz_unpackhi_ps(0xFFFF, v0, v1));
         const V t1 = _mm512_add_ps(_mm512_maskz_unpacklo_ps(0xFFFF, v2, v3), _mm512_maskz_unpackhi_ps(0xFFFF, v2, v3));
         const V r = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
                                   _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));  // (a, b, c, d) per lane
-        const __m128 lo = _mm_add_ps(_mm512_maskz_extractf32x4_ps(0xF, r, 0), _mm512_maskz_extractf32x4_ps(0xF, r, 1));
-        const __m128 hi = _mm_add_ps(_mm512_maskz_extractf32x4_ps(0xF, r, 2), _mm512_maskz_extractf32x4_ps(0xF, r, 3));
-        _mm_storeu_ps(out, _mm_add_ps(lo, hi));
+        _mm_storeu_ps(out, add_lanes512(r));
     }
 };
 
