@@ -72,7 +72,7 @@ if want micro; then
   timeout 25 $PY benchmarks/bench_masked_grad.py --device cuda --dtype bfloat16 --shapes 4096x4096 \
     --tokens 512 --densities 1e-5,1e-4,1e-3,1e-2,3e-2,1e-1 --repeats 5
   echo "masked-grad (512 tokens) exit status $?"; save_results
-  timeout 40 $PY benchmarks/bench_update.py --device cuda
+  timeout 50 $PY benchmarks/bench_update.py --device cuda
   echo "update exit status $?"; save_results
   timeout 30 $PY benchmarks/bench_overhead.py --device cuda  # host cost per layer: what a host-bound step pays
   echo "overhead exit status $?"; save_results
