@@ -222,9 +222,12 @@ def masked_adamw_triton(weight, base, delta, grad, exp_avg, exp_avg_sq, key, *, 
                         weight_decay, step, positions=None):
     """The fused step in one Triton launch of ceil(n / BLOCK) programs; `positions` is ignored (computed inline)."""
     n, mask = _kernel_args(weight, base, delta, grad, exp_avg, exp_avg_sq, key, step)
-    if n == 0:
-        return
-    scalars = adamw_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+    if n > 0:
+        _launch_one(weight, base, delta, grad, exp_avg, exp_avg_sq, n, mask,
+                    adamw_scalars(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step))
+
+
+def _launch_one(weight, base, delta, grad, exp_avg, exp_avg_sq, n, mask, scalars):
     masked_adamw_kernel[(cdiv(n, BLOCK),)](weight, base.contiguous(), delta, grad.contiguous(), exp_avg,
                                            exp_avg_sq, n, weight.shape[1], *mask, *weight.stride(),
                                            *(float(s) for s in scalars), BLOCK=BLOCK, enable_fp_fusion=False)
@@ -253,13 +256,18 @@ def masked_adamw_multi_triton(batch, *, lr, beta1, beta2, eps, weight_decay):
         n, mask = _kernel_args(weight, base, delta, grad, exp_avg, exp_avg_sq, key, step)
         if n == 0:
             continue
+        scalars = adamw_scalars(**hyper, step=step)
+        last = (weight, base, delta, grad, exp_avg, exp_avg_sq, n, mask, scalars)
         base, grad = base.contiguous(), grad.contiguous()  # read as flat arrays; kept alive until the launch
         flat_inputs.append((base, grad))
-        step_scalars += adamw_scalars(**hyper, step=step)[4:6]  # neg_step_size, bias_correction2_sqrt
+        step_scalars += scalars[4:6]  # neg_step_size, bias_correction2_sqrt
         table += (weight.data_ptr(), base.data_ptr(), delta.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(),
                   exp_avg_sq.data_ptr(), n, weight.shape[1], *mask, *weight.stride(), blocks)
         blocks += cdiv(n, BLOCK)
     if not blocks:
+        return
+    if len(flat_inputs) == 1:  # one matrix: the single-matrix kernel needs no table, nor its host-to-device copies
+        _launch_one(*last)
         return
     # One host table (a row per matrix: O(matrices), whatever n) and one of fp32 scalars. On a GPU they travel by
     # non-blocking copies from pinned memory: a pageable copy would synchronize the stream and stall the host.
