@@ -7,10 +7,8 @@
 Columns (ms per call; "–" where an implementation is not available):
   CPU   torch-gather, torch-dense (the torch twins, kernels/masked_grad.py), native (the C++ gather,
         kernels/native.py), dispatch (randmask.functional.masked_grad as training calls it: the default backend)
-  CUDA  triton-gather, triton-dense, cuda (the CUDA C++ gather), dispatch; triton-gather-T: token-major copies of
-        x and grad_y (kernels.masked_grad.token_major, in their dtype), then the gather kernel, whose loads along
-        tokens are then contiguous per slot (the dispatcher's third way); triton-rows: the rows kernel, each program
-        serving every slot from its block of token rows (a candidate, timed at density <= 1e-3; not dispatched)
+  CUDA  triton-gather (the gather kernel), triton-matmul (the matmul way: cuBLAS blocks of grad_y^T x with an fp32
+        result, the masked entries kept by a Triton gather), cuda (the CUDA C++ gather), dispatch
   both  torch-dense is the dense twin (fp32 upcasts, in blocks: the CPU path and test oracle); matmul-gather is the
         dense baseline: grad_y^T x as one matmul in the layer's dtype (cuBLAS / BLAS), then the gather, which is what
         autograd does for SHiRA and SpIEL; the "matmul / dispatch" column is our speed-up over it. The official
@@ -18,9 +16,10 @@ Columns (ms per call; "–" where an implementation is not available):
         per-entry gather (official-gather) or torch.sparse.sampled_addmm over the stored CSR mask (official-sampled;
         the CSR indices are built once outside the timing, as the official code stores them, and the result is put
         back in slot order inside it).
-Per shape it reports where the dense variant first beats each gather: the crossovers DENSE_DENSITY_CPU
-(kernels/masked_grad.py) and DENSE_DENSITY_NATIVE / DENSE_DENSITY_CUDA (kernels/native.py) should sit near them; on
-a GPU the tables are what the dispatcher's cost model (masked_grad_way_gpu, kernels/masked_grad.py) is fitted to.
+Per shape it reports where the dense variant (triton-matmul on a GPU, torch-dense on the CPU) first beats each
+gather: the crossovers DENSE_DENSITY_CPU (kernels/masked_grad.py) and DENSE_DENSITY_NATIVE / DENSE_DENSITY_CUDA
+(kernels/native.py) should sit near them; on a GPU the tables are what the dispatcher's cost model
+(masked_grad_way_gpu, kernels/masked_grad.py) is fitted to.
 The default shapes are SmolLM2-135M's linear layers (q/o 576x576, k/v 192x576, gate/up 1536x576, down 576x1536)
 with 512 tokens (4 x 128).
 
@@ -57,7 +56,6 @@ warnings.filterwarnings("ignore", message="Sparse")  # sampled_addmm: CSR is bet
 # with big temporaries (official-*, torch-dense) starts from caches holding those, which measured up to 2x slower.
 WARM_BELOW_S = 0.02
 CHUNK_BYTES = 256 * 2**20  # official-gather's temporaries per chunk of entries
-ROWS_MAX_DENSITY = 1e-3  # the rows kernel is a low-density candidate; above this it costs like the plain gather
 
 
 def official_gather(x, grad_y, rows, cols):
@@ -86,7 +84,7 @@ def official_sampled(x, grad_y, shape, rows, cols):
     return run
 
 
-def variants(device, x, grad_y, shape, n, key, density):
+def variants(device, x, grad_y, shape, n, key):
     """name -> zero-argument callable, for the implementations available here."""
     mask = MatrixMask(shape, n, key)
     rows, cols = mask_positions(shape, n, key, device)
@@ -94,12 +92,7 @@ def variants(device, x, grad_y, shape, n, key, density):
     if device.type == "cuda":
         if HAS_TRITON:
             found["triton-gather"] = lambda: op.masked_grad_gather_triton(x, grad_y, n, key)
-            found["triton-dense"] = lambda: op.masked_grad_dense_triton(x, grad_y, n, key)
-            # candidate, not dispatched yet: token-major copies (input dtype) make each slot's loads contiguous
-            found["triton-gather-T"] = lambda: op.masked_grad_gather_triton(op.token_major(x),
-                                                                            op.token_major(grad_y), n, key)
-            if density <= ROWS_MAX_DENSITY:
-                found["triton-rows"] = lambda: op.masked_grad_rows_triton(x, grad_y, n, key)
+            found["triton-matmul"] = lambda: op.masked_grad_matmul_triton(x, grad_y, n, key)
         if native.has_cuda_native():
             found["cuda"] = lambda: native.masked_grad_cuda(x, grad_y, n, key)
     else:
@@ -189,18 +182,17 @@ def main():
         rows, crossovers = [], {}
         for density in map(float, args.densities.split(",")):
             n = round(density * shape[0] * shape[1])
-            found = variants(device, x, grad_y, shape, n, key, density)
+            found = variants(device, x, grad_y, shape, n, key)
             ms = interleaved_ms(found, device, args.repeats, args.stat)
             for name in found:
                 if name not in data["variants"]:
                     data["variants"].append(name)
-            dense = "triton-dense" if "triton-dense" in ms else "torch-dense"
+            dense = "triton-matmul" if "triton-matmul" in ms else "torch-dense"
             for gather in (g for g in GATHERS if g in ms):
                 if ms[dense] < ms[gather] and gather not in crossovers:
                     crossovers[gather] = density
-            ours = [ms[k] for k in (*GATHERS, "triton-gather-T", "triton-rows", "torch-dense", "triton-dense")
-                    if k in ms]
-            ratio = ms["dispatch"] / min(ours)  # the dispatcher against the best of our variants, candidates included
+            ours = [ms[k] for k in (*GATHERS, "torch-dense", "triton-matmul") if k in ms]
+            ratio = ms["dispatch"] / min(ours)  # the dispatcher against the best of our variants
             speedup = ms["matmul-gather"] / ms["dispatch"]
             rows.append({"density": density, "n": n, "ms": ms, "dispatch_over_best": ratio,
                          "matmul_over_dispatch": speedup})

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# gpu_check.sh: the checks that need a GPU (H100 / H200), as one prepared script; the default run takes ~8 min.
+# gpu_check.sh: the checks that need a GPU (H100 / H200), as one prepared script; the default run takes ~6.5 min.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR] [SECTION ...]    results in OUT_DIR (default: $OUT, else
 #                                                          benchmarks/results/gpu); sections default to
@@ -10,8 +10,8 @@
 # Sections and their time limits (each Python step runs under `timeout`, so a hang cannot eat the lease):
 #   triton        every Triton kernel vs its torch twin in fp32 / fp16 / bf16 (check_triton_gpu.py)       <= 90 s
 #   micro         bench_masked_grad (4096-wide bf16 at 8192 and 512 tokens; the official code's ways are
-#                 columns), bench_update, bench_overhead (host cost per layer), a block-size sweep of the
-#                 rows candidate against the gather at density 1e-5-1e-3                                 <= 235 s
+#                 columns), bench_update, bench_overhead (host cost per layer), a sweep of the gather
+#                 kernel's block sizes at density 1e-5-1e-3                                              <= 235 s
 #   e2e           bench_e2e, Llama-1B shape, bf16, q,v and all-linear: frozen floor, randmask, LoRA, SHiRA,
 #                 naive, full (the floor and full run once for both settings: 10 processes)             <= 300 s
 #   e2e-8b        bench_e2e, Llama-3-8B shape, bf16, q,v: frozen floor, randmask, LoRA (3 processes)      <= 110 s
@@ -19,10 +19,10 @@
 #                 host-bound; with the Python and launch cost gone, is randmask at the floor? (H100: 239 s)
 #                                                                                                        <= 400 s
 #   cuda-backend  (issue 6) builds kernels/csrc/native_cuda.cu with CMake, checks it against the twins, times it
-#                 against Triton and the dense twin, and compares the host cost of Triton and CUDA C++ launches
-# Measured: e2e ~27 s per process, mostly start-up (H200, 2026-11-26); on an H100 (2026-11-27) the default sections
-# plus e2e-8b took 493 s in one call, e2e-compile 239 s. Since then micro has the rows sweep and more columns (~1 min
-# more): call the default sections alone with a timeout of 600 s, then e2e-8b and e2e-compile together (~6 min).
+#                 against Triton and the torch twin, and compares the host cost of Triton and CUDA C++ launches
+# Measured: e2e ~27 s per process, mostly start-up. On an H200 (2026-11-27) the default sections took 375 s in one
+# call (triton 58 s, micro 94 s, e2e 210 s), then e2e-8b and e2e-compile together 237 s on the warm machine: with a
+# machine's start, both calls fit one 15-minute lease with ~3 minutes to spare.
 # Tables are packed into OUT_DIR/results_cuda.tgz after every step (a lease returns only a few files, and a run cut
 # short keeps what it had packed); the log is OUT_DIR/gpu_check.txt.
 set -uo pipefail
@@ -76,13 +76,15 @@ if want micro; then
   echo "update exit status $?"; save_results
   timeout 30 $PY benchmarks/bench_overhead.py --device cuda  # host cost per layer: what a host-bound step pays
   echo "overhead exit status $?"; save_results
-  # the rows candidate (kernels/masked_grad.py) against the gather at low density, over its two block-size knobs
+  # the gather kernel's block sizes at low density: do wide slot blocks (few tokens each) let the slots of one
+  # program share token rows through L1? (the kernel as dispatched: 128 slots x 32 tokens)
   timeout 60 $PY - << 'PYEOF'
 import statistics, torch
 from randmask.kernels import masked_grad as mg
 dev = torch.device("cuda")
 key = 0x0123456789ABCDEF
-print(torch.cuda.get_device_name(dev), "bf16, ms per call (median of 10); rows[row bytes, slots per program]")
+print(torch.cuda.get_device_name(dev), "bf16, ms per call (median of 10); gather[slots per program x tokens per step, "
+      "warps]")
 
 def ms(fn, reps=10):
     fn(); torch.cuda.synchronize()
@@ -93,20 +95,21 @@ def ms(fn, reps=10):
         times.append(start.elapsed_time(end))
     return statistics.median(times)
 
+blocks = ((128, 32, 4), (512, 8, 4), (1024, 4, 4), (1024, 4, 8), (2048, 2, 8), (4096, 1, 8), (4096, 1, 16))
 for (out, inf), T in (((4096, 4096), 8192), ((4096, 14336), 8192), ((4096, 4096), 512)):
     x = torch.randn(T, inf, device=dev).to(torch.bfloat16)
     gy = torch.randn(T, out, device=dev).to(torch.bfloat16)
     for density in (1e-5, 1e-4, 1e-3):
         n = round(density * out * inf)
-        cells = [f"gather={ms(lambda: mg.masked_grad_gather_triton(x, gy, n, key)):.3f}"]
-        for rows_bytes in (4 << 10, 16 << 10, 64 << 10):
-            for rows_slots in (1024, 4096):
-                mg.ROWS_BYTES, mg.ROWS_SLOTS = rows_bytes, rows_slots
-                cells.append(f"rows[{rows_bytes >> 10}K,{rows_slots}]="
-                             f"{ms(lambda: mg.masked_grad_rows_triton(x, gy, n, key)):.3f}")
+        cells = []
+        for mg.GATHER_BLOCK_K, mg.GATHER_BLOCK_T, mg.GATHER_NUM_WARPS in blocks:
+            cells.append(f"gather[{mg.GATHER_BLOCK_K}x{mg.GATHER_BLOCK_T},{mg.GATHER_NUM_WARPS}]="
+                         f"{ms(lambda: mg.masked_grad_gather_triton(x, gy, n, key)):.3f}")
+        mg.GATHER_BLOCK_K, mg.GATHER_BLOCK_T, mg.GATHER_NUM_WARPS = blocks[0]
+        cells.append(f"matmul={ms(lambda: mg.masked_grad_matmul_triton(x, gy, n, key)):.3f}")
         print(f"{out}x{inf} T={T} d={density:.0e} n={n}  " + "  ".join(cells), flush=True)
 PYEOF
-  echo "rows sweep exit status $?"
+  echo "gather block sweep exit status $?"
 fi
 
 # ------------------------------------------------------------------------------------------------ e2e
@@ -299,13 +302,13 @@ for dtype in (torch.bfloat16,):  # fp32 / fp16 measured once (2026-11-26, H200):
             row["cuda"] = ms(lambda: native.masked_grad_cuda(x, gy, n, KEY))
             if HAS_TRITON:
                 row["triton-gather"] = ms(lambda: mg.masked_grad_gather_triton(x, gy, n, KEY))
-                row["triton-dense"] = ms(lambda: mg.masked_grad_dense_triton(x, gy, n, KEY))
+                row["triton-matmul"] = ms(lambda: mg.masked_grad_matmul_triton(x, gy, n, KEY))
             row["torch-dense"] = ms(lambda: mg.masked_grad_dense_torch(x, gy, rows, cols))
             if crossover is None and row["torch-dense"] < row["cuda"]:
                 crossover = d
             results["masked_grad"].append(row)
             print(f"{str(dtype):15} {shape[0]}x{shape[1]} T={T} d={d:.0e} n={n:8d}  " +
-                  "  ".join(f"{k}={row[k]:.4f}" for k in ("cuda", "triton-gather", "triton-dense", "torch-dense")
+                  "  ".join(f"{k}={row[k]:.4f}" for k in ("cuda", "triton-gather", "triton-matmul", "torch-dense")
                             if k in row), flush=True)
         print(f"  -> torch-dense first beats cuda at density {crossover}  ({time.time() - t_start:.0f} s so far)")
 # fused AdamW + weight write: cuda vs Triton vs torch (AdamW ops + index write), one 4096x14336 weight

@@ -3,11 +3,10 @@
     g[k] = sum_t grad_y[t, r_k] * x[t, c_k]        k in [0, n), (r_k, c_k) = position of slot k, fp32 accumulation
 
 x is (T, in), grad_y is (T, out), both of the layer's dtype; g is fp32 of length n. Two ways to compute it:
-  gather: one dot product over tokens per slot, O(n*T) work; wins at tiny density. On GPU also run on token-major
-          copies of x and grad_y (contiguous loads per slot), which wins in between; and a candidate, the rows
-          kernel, that serves every slot from each block of token rows.
-  dense:  tiles of grad_y^T x (tensor cores on GPU, BLAS on CPU) of which only the masked entries are kept,
-          O(out*in*T) work at full matmul speed; wins at higher density. The out x in gradient is never stored whole.
+  gather: one dot product over tokens per slot, O(n*T) work; wins at tiny density.
+  dense:  blocks of output rows of grad_y^T x (cuBLAS on GPU, BLAS on CPU) of which only the masked entries are
+          kept, O(out*in*T) work at full matmul speed; wins above ~2e-4 on GPU, ~1e-2 on CPU. The out x in gradient
+          is never stored whole: a block holds at most ~TEMP_BYTES.
 
 Torch twins (the CPU path and the test oracle) use given positions; they hold at most ~TEMP_BYTES of temporaries.
 """
@@ -74,50 +73,37 @@ def masked_grad_torch(x, grad_y, rows, cols):
     return masked_grad_gather_torch(x, grad_y, rows, cols)
 
 
-# ---------------------------------------------------------------- Triton kernels (GPU; the tests run them interpreted)
+# ---------------------------------------------------------------- Triton kernel (GPU; the tests run it interpreted)
 # Positions are computed inline from the key (kernels/mask_addressing.py); no index tensor is read.
-# Dtypes: x and grad_y are loaded in their own dtype (fp32/fp16/bf16, any strides) and the products are summed in
-# fp32. The gather kernel casts every load to fp32 before multiplying. The dense kernel feeds tl.dot with DOT_DTYPE:
-# on a GPU, fp16/bf16 operands go to the tensor cores as they are (their products are exact in fp32 and the
-# accumulator is fp32, so this equals the fp32 twin up to summation order), and fp32 operands use tf32x3 (three
-# tf32 passes: fp32-level accuracy, still on tensor cores; plain tf32 would lose ~3 decimal digits, which torch
-# does not do by default). Under TRITON_INTERPRET=1 (CPU tensors) DOT_DTYPE is fp32, because the interpreter's
-# bf16 arithmetic and bf16 tl.dot give garbage; a constexpr, so the GPU build carries no cast.
+# x and grad_y are loaded in their own dtype (fp32/fp16/bf16, any strides), cast to fp32, and multiplied and summed
+# in fp32.
 from .mask_addressing import cdiv, kernel_mask_args  # plain Python: raises a clear error when triton is missing
+from .sparse_update import gather_rows_triton
 
 try:
     import triton
     import triton.language as tl
 
-    from .mask_addressing import flat_to_slot, slot_to_flat
+    from .mask_addressing import slot_to_flat
 except ImportError:  # triton is optional: masked_grad_torch is the whole CPU path
     triton = None
 
-# GPU dispatch: a cost model of the three ways (seconds), fitted to bf16 tables of benchmarks/bench_masked_grad.py on
-# an H100 (benchmarks/results/masked_grad_cuda_bfloat16*.md: 4096x4096 and 4096x14336, 512 and 8192 tokens; the
-# H200's gather and dense costs were within 15% of these):
-#   gather                n*T*GATHER_S: each load takes a 32-byte sector for one 2-byte value, since consecutive
-#                         tokens of one column are in-features apart (bound by sectors, not flops)
-#   gather, token-major   TOKEN_MAJOR_FIXED_S + T*(in + out)*TOKEN_MAJOR_COPY_S + n*T*TOKEN_MAJOR_GATHER_S: x and
-#                         grad_y first copied token-major in their own dtype (transient: as big as x and grad_y, freed
-#                         before returning; the fixed part is the copies' launches), then the same gather kernel,
-#                         whose loads along tokens are now contiguous per slot (~25x cheaper per slot x token)
-#   dense                 out*in*(T + DENSE_FLOOR_TOKENS)*DENSE_S: tensor-core tiles; the tile loop has a floor worth
-#                         ~840 tokens
-# The dispatcher takes the cheapest. Against every row of those tables it picks the fastest way or one within 10%
-# of it (tests/test_triton_kernels.py checks this against the stored tables): the gather at density <= 1e-4, the
-# token-major gather around 1e-3-1e-2 (up to 3.4x faster than the better of the other two at 8192 tokens), dense
-# above ~3e-2.
-GATHER_S = 1.5e-11
-TOKEN_MAJOR_FIXED_S, TOKEN_MAJOR_COPY_S, TOKEN_MAJOR_GATHER_S = 5e-5, 8.4e-12, 6e-13
-DENSE_S, DENSE_FLOOR_TOKENS = 1.05e-14, 843
-GATHER_BLOCK_K, GATHER_BLOCK_T = 128, 32
-# Candidate (a bench column, not dispatched until a GPU has timed it): the rows kernel below. Its token block is sized
-# so that the rows in use take at most ROWS_BYTES (several resident programs' worth fit one SM's L1); a program serves
-# at most ROWS_SLOTS slots (its partial sums stay cached), and the (token splits, n) partial sums at most
-# ROWS_PARTIAL_BYTES.
-ROWS_BLOCK_K, ROWS_BYTES, ROWS_MAX_BLOCK_T, ROWS_SLOTS, ROWS_PARTIAL_BYTES = 128, 16 << 10, 16, 4096, 64 << 20
-DENSE_BLOCK_M, DENSE_BLOCK_N, DENSE_BLOCK_T, DENSE_GROUP_M = 64, 64, 32, 8
+# GPU dispatch: a cost model of the two ways (seconds), fitted to the bf16 tables of benchmarks/bench_masked_grad.py
+# on an H200 (benchmarks/results/masked_grad_cuda_bfloat16*.md: 4096x4096 and 4096x14336 at 8192 tokens, 4096x4096
+# at 512; the matmul way by its nearest measured twin, the matmul-gather column):
+#   gather  GATHER_FIXED_S + n*T*GATHER_S: each load takes a 32-byte sector for one 2-byte value, since consecutive
+#           tokens of one column are in-features apart (bound by L2 sectors, not flops)
+#   matmul  MATMUL_FIXED_S + out*in*T*MATMUL_S + n*MATMUL_SLOT_S: cuBLAS at ~80% of the bf16 peak, then one read per
+#           slot from the fp32 blocks
+# The fixed parts are mostly the host's launch time, which a short call pays whole. The dispatcher takes the cheaper:
+# the gather up to density ~2e-4 at 8192 tokens (~5e-4 at 512), the matmul way above. tests/test_triton_kernels.py
+# checks the model against the stored tables. (Ways measured and dropped, H200 tables of 2026-11-27: a tensor-core
+# Triton kernel fusing the matmul with the masked epilogue ran at ~22% of the bf16 peak, 3-4x cuBLAS's time; the
+# gather on token-major copies of x and grad_y was slower than cuBLAS's matmul + gather in every row; a token-outer
+# gather serving every slot from a few token rows was within +-15% of the plain gather.)
+GATHER_FIXED_S, GATHER_S = 7e-5, 1.7e-11
+MATMUL_FIXED_S, MATMUL_S, MATMUL_SLOT_S = 4.9e-5, 2.45e-15, 3e-11
+GATHER_BLOCK_K, GATHER_BLOCK_T, GATHER_NUM_WARPS = 128, 32, 4  # gpu_check.sh sweeps these at low density
 
 if triton is not None:
 
@@ -128,7 +114,7 @@ if triton is not None:
         # g[s, k] = sum_{t in split s} grad_y[t, r_k] * x[t, c_k] (fp32) for the BLOCK_K slots k of this program;
         # (r_k, c_k) from the key; the split's tokens in chunks of BLOCK_T, each a gathered (BLOCK_T, BLOCK_K) tile
         # of grad_y and of x. Split s covers tokens [s * tokens_per_split, (s + 1) * tokens_per_split).
-        # Block sizes: BLOCK_K = 128 slots, BLOCK_T = 32 tokens (GATHER_BLOCK_*); grid: (cdiv(n, BLOCK_K), splits).
+        # Block sizes: BLOCK_K = 128 slots, BLOCK_T = 32 tokens, 4 warps (GATHER_*); grid: (cdiv(n, BLOCK_K), splits).
         k = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
         split = tl.program_id(1)
         live = k < n
@@ -145,73 +131,6 @@ if triton is not None:
             xv = tl.load(x_cols + t[:, None] * stride_xt, mask=m, other=0.0).to(tl.float32)
             acc += gy * xv
         tl.store(g_ptr + split.to(tl.int64) * n + k, tl.sum(acc, axis=0), mask=live)
-
-    @triton.jit(do_not_specialize=["k0", "k1"])
-    def masked_grad_dense_kernel(x_ptr, gy_ptr, g_ptr, T, n, out_features, in_features, numel, a_radix, b_radix,
-                                 k0, k1, stride_xt, stride_xc, stride_gt, stride_gc,
-                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-                                 GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr):
-        # acc = (grad_y^T x)[r0:r0+BLOCK_M, c0:c0+BLOCK_N] = sum_t grad_y[t, r] * x[t, c] via tl.dot over BLOCK_T
-        # token chunks (fp32 accumulator); epilogue: g[sigma^-1(r*in + c)] = acc[r, c] where that slot is < n.
-        # sigma is a bijection, so every slot is written by exactly one program: no atomics, no zero-init.
-        # Tiles are visited in groups of GROUP_M tile-rows so the x columns they share stay in L2.
-        # Block sizes: BLOCK_M x BLOCK_N = 64 x 64 entries, BLOCK_T = 32 tokens, GROUP_M = 8 (DENSE_BLOCK_*);
-        # grid: one program per tile (1-D, so any width fits).
-        pid = tl.program_id(0)
-        tiles_m = tl.cdiv(out_features, BLOCK_M)
-        tiles_n = tl.cdiv(in_features, BLOCK_N)
-        group_first = (pid // (GROUP_M * tiles_n)) * GROUP_M
-        group_size = tl.minimum(tiles_m - group_first, GROUP_M)
-        in_group = pid % (GROUP_M * tiles_n)
-        r = (group_first + in_group % group_size).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        c = (in_group // group_size).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        r_in, c_in = r < out_features, c < in_features
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
-            gy_t = tl.load(gy_ptr + r[:, None] * stride_gc + t[None, :] * stride_gt,
-                           mask=r_in[:, None] & (t < T)[None, :], other=0.0)
-            xv = tl.load(x_ptr + t[:, None] * stride_xt + c[None, :] * stride_xc,
-                         mask=(t < T)[:, None] & c_in[None, :], other=0.0)
-            acc = tl.dot(gy_t.to(DOT_DTYPE), xv.to(DOT_DTYPE), acc, input_precision="tf32x3")
-        inside = r_in[:, None] & c_in[None, :]
-        p = r[:, None] * in_features + c[None, :]
-        slot = flat_to_slot(tl.where(inside, p, 0), numel, a_radix, b_radix, k0, k1)
-        tl.store(g_ptr + slot, acc, mask=inside & (slot < n))
-
-    @triton.jit(do_not_specialize=["k0", "k1"])
-    def masked_grad_rows_kernel(x_ptr, gy_ptr, g_ptr, T, tokens_per_split, n, slots_per_split, in_features, numel,
-                                a_radix, b_radix, k0, k1, stride_xt, stride_xc, stride_gt, stride_gc,
-                                BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
-        # partial[s, k] = sum_{t in token split s} grad_y[t, r_k] * x[t, c_k] (fp32) for the slots k of this
-        # program's slot split (partial zeroed by the launcher). Token-outer: for each BLOCK_T rows of x and grad_y,
-        # every slot of the split, BLOCK_K at a time, adds its sum over those rows to partial[s, k] (this program's
-        # own entries: a plain read-modify-write). Why: the gather kernel reads each (token, slot) value as its own
-        # 32-byte sector from L2 (0.88 GB per call for 1678 slots x 8192 tokens); here the BLOCK_T rows in use
-        # (<= ROWS_BYTES) are shared by all slots, so after the first touch they come from L1, and L2/DRAM see each
-        # row about once.
-        # Block sizes: BLOCK_T = ROWS_BYTES / (row bytes of x + grad_y), a power of two in [1, 16]; BLOCK_K = 128
-        # slots per step; grid: (token splits, slot splits).
-        split = tl.program_id(0)
-        t_begin = split * tokens_per_split
-        t_end = tl.minimum(t_begin + tokens_per_split, T)
-        first = tl.program_id(1) * slots_per_split
-        last = tl.minimum(first + slots_per_split, n)
-        partial_row = g_ptr + split.to(tl.int64) * n
-        for t_start in range(t_begin, t_end, BLOCK_T):
-            t = t_start + tl.arange(0, BLOCK_T).to(tl.int64)
-            t_live = t < t_end
-            for k_start in range(first, last, BLOCK_K):
-                k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
-                live = k < last
-                p = slot_to_flat(tl.where(live, k, 0), numel, a_radix, b_radix, k0, k1)
-                m = t_live[:, None] & live[None, :]
-                gy = tl.load(gy_ptr + t[:, None] * stride_gt + (p // in_features)[None, :] * stride_gc, mask=m,
-                             other=0.0)
-                xv = tl.load(x_ptr + t[:, None] * stride_xt + (p % in_features)[None, :] * stride_xc, mask=m,
-                             other=0.0)
-                total = tl.sum(gy.to(tl.float32) * xv.to(tl.float32), axis=0)
-                tl.store(partial_row + k, tl.load(partial_row + k, mask=live) + total, mask=live)
 
 
 GATHER_PROGRAMS_PER_SM = 4  # the gather kernel splits the tokens until it has this many programs per multiprocessor
@@ -241,79 +160,58 @@ def _activation_shapes(x, grad_y):
     return x.shape, grad_y.shape[1]
 
 
-def _launch_masked_grad(x, grad_y, n, key, dense: bool):
-    (T, in_features), out_features = _activation_shapes(x, grad_y)
-    common = (*kernel_mask_args(out_features * in_features, n, key), *x.stride(), *grad_y.stride())
-    if n == 0 or T == 0:
-        return torch.zeros(n, dtype=torch.float32, device=x.device)
-    if not dense:
-        blocks = cdiv(n, GATHER_BLOCK_K)
-        tokens_per_split = _tokens_per_split(blocks, T, x.device)
-        splits = cdiv(T, tokens_per_split)
-        partial = torch.empty(splits * n, dtype=torch.float32, device=x.device)  # (splits, n) partial sums
-        masked_grad_gather_kernel[(blocks, splits)](x, grad_y, partial, T, tokens_per_split, n, in_features, *common,
-                                                    BLOCK_K=GATHER_BLOCK_K, BLOCK_T=GATHER_BLOCK_T)
-        return partial if splits == 1 else partial.view(splits, n).sum(0)  # fixed order: deterministic, no atomics
-    g = torch.empty(n, dtype=torch.float32, device=x.device)
-    half = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-    dot_dtype = half.get(x.dtype, tl.float32) if x.is_cuda and x.dtype == grad_y.dtype else tl.float32
-    grid = (cdiv(out_features, DENSE_BLOCK_M) * cdiv(in_features, DENSE_BLOCK_N),)
-    masked_grad_dense_kernel[grid](x, grad_y, g, T, n, out_features, in_features, *common, BLOCK_M=DENSE_BLOCK_M,
-                                   BLOCK_N=DENSE_BLOCK_N, BLOCK_T=DENSE_BLOCK_T, GROUP_M=DENSE_GROUP_M,
-                                   DOT_DTYPE=dot_dtype)
-    return g
-
-
-def masked_grad_rows_triton(x, grad_y, n, key):
-    """g (fp32, length n) by the rows kernel: each block of token rows serves every slot (a candidate). Splits the
-    tokens to fill the chip within ROWS_PARTIAL_BYTES of partial sums, added in a fixed order (deterministic)."""
+def masked_grad_gather_triton(x, grad_y, n, key):
+    """g (fp32, length n) by one gathered dot product over tokens per slot: for tiny density."""
     (T, in_features), out_features = _activation_shapes(x, grad_y)
     mask = kernel_mask_args(out_features * in_features, n, key)
     if n == 0 or T == 0:
         return torch.zeros(n, dtype=torch.float32, device=x.device)
-    row_bytes = in_features * x.element_size() + out_features * grad_y.element_size()
-    block_t = min(ROWS_MAX_BLOCK_T, 1 << max(0, (ROWS_BYTES // row_bytes).bit_length() - 1))  # a power of two
-    slot_splits = cdiv(n, ROWS_SLOTS)
-    slots_per_split = cdiv(cdiv(n, slot_splits), ROWS_BLOCK_K) * ROWS_BLOCK_K
-    token_blocks = cdiv(T, block_t)
-    wanted = cdiv(GATHER_PROGRAMS_PER_SM * _multiprocessors(x.device), slot_splits)
-    token_splits = max(1, min(wanted, token_blocks, ROWS_PARTIAL_BYTES // (4 * n)))
-    tokens_per_split = cdiv(token_blocks, token_splits) * block_t
-    token_splits = cdiv(T, tokens_per_split)
-    partial = torch.zeros(token_splits * n, dtype=torch.float32, device=x.device)
-    masked_grad_rows_kernel[(token_splits, cdiv(n, slots_per_split))](
-        x, grad_y, partial, T, tokens_per_split, n, slots_per_split, in_features, *mask, *x.stride(),
-        *grad_y.stride(), BLOCK_K=ROWS_BLOCK_K, BLOCK_T=block_t)
-    return partial if token_splits == 1 else partial.view(token_splits, n).sum(0)
+    blocks = cdiv(n, GATHER_BLOCK_K)
+    tokens_per_split = _tokens_per_split(blocks, T, x.device)
+    splits = cdiv(T, tokens_per_split)
+    partial = torch.empty(splits * n, dtype=torch.float32, device=x.device)  # (splits, n) partial sums
+    masked_grad_gather_kernel[(blocks, splits)](x, grad_y, partial, T, tokens_per_split, n, in_features, *mask,
+                                                *x.stride(), *grad_y.stride(), BLOCK_K=GATHER_BLOCK_K,
+                                                BLOCK_T=GATHER_BLOCK_T, num_warps=GATHER_NUM_WARPS)
+    return partial if splits == 1 else partial.view(splits, n).sum(0)  # fixed order: deterministic, no atomics
 
 
-def masked_grad_gather_triton(x, grad_y, n, key):
-    """g (fp32, length n) by one gathered dot product over tokens per slot: for tiny density."""
-    return _launch_masked_grad(x, grad_y, n, key, dense=False)
+# fp16/bf16 operands with an fp32 product straight from cuBLAS (fp32 accumulation, no rounding to the inputs' dtype),
+# where this torch has that overload (aten::mm.dtype, CUDA only)
+_MM_FP32_OUT = "dtype" in torch.ops.aten.mm.overloads()
 
 
-def masked_grad_dense_triton(x, grad_y, n, key):
-    """g (fp32, length n) from tiles of grad_y^T x that keep only their masked entries: for higher density."""
-    return _launch_masked_grad(x, grad_y, n, key, dense=True)
+def _mm_fp32(a, b):
+    """a @ b as fp32: half-precision operands on a GPU as they are (cuBLAS, fp32 accumulation and result), any other
+    case upcast first (exact products, fp32 sums)."""
+    if a.is_cuda and _MM_FP32_OUT and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def masked_grad_matmul_triton(x, grad_y, n, key):
+    """g (fp32, length n) from blocks of output rows of grad_y^T x (cuBLAS, fp32 result, <= ~TEMP_BYTES each), from
+    each of which a Triton gather keeps the masked entries whose row it holds: for all but tiny density."""
+    (T, in_features), out_features = _activation_shapes(x, grad_y)
+    kernel_mask_args(out_features * in_features, n, key)  # the mask's own checks, before any work
+    g = torch.zeros(n, dtype=torch.float32, device=x.device)  # every slot is written by the block holding its row
+    if n == 0 or T == 0:
+        return g
+    block_rows = max(1, TEMP_BYTES // (4 * in_features))
+    for row_begin in range(0, out_features, block_rows):
+        block = _mm_fp32(grad_y[:, row_begin:row_begin + block_rows].t(), x)  # (rows, in) of grad_y^T x
+        gather_rows_triton(block, g, n, key, (out_features, in_features), row_begin)
+    return g
 
 
 def masked_grad_way_gpu(n: int, tokens: int, out_features: int, in_features: int) -> str:
-    """'gather', 'token-major' or 'dense': the cheapest way by the cost model above."""
-    costs = {"gather": n * tokens * GATHER_S,
-             "token-major": (TOKEN_MAJOR_FIXED_S + tokens * (in_features + out_features) * TOKEN_MAJOR_COPY_S
-                             + n * tokens * TOKEN_MAJOR_GATHER_S),
-             "dense": out_features * in_features * (tokens + DENSE_FLOOR_TOKENS) * DENSE_S}
-    return min(costs, key=costs.get)
-
-
-def token_major(t: torch.Tensor) -> torch.Tensor:
-    """The same (T, features) values laid out with consecutive tokens adjacent (stride (1, T)), in t's dtype."""
-    return t if t.stride(0) == 1 else t.t().contiguous().t()
+    """'gather' or 'matmul': the cheaper way by the cost model above."""
+    gather = GATHER_FIXED_S + n * tokens * GATHER_S
+    matmul = MATMUL_FIXED_S + out_features * in_features * tokens * MATMUL_S + n * MATMUL_SLOT_S
+    return "gather" if gather <= matmul else "matmul"
 
 
 def masked_grad_triton(x, grad_y, n, key):
-    """GPU dispatcher between the gather kernel (on the inputs or on token-major copies) and the dense kernel."""
+    """GPU dispatcher between the gather kernel and the matmul way."""
     way = masked_grad_way_gpu(n, x.shape[0], grad_y.shape[-1], x.shape[-1])
-    if way == "token-major":
-        x, grad_y = token_major(x), token_major(grad_y)
-    return _launch_masked_grad(x, grad_y, n, key, dense=way == "dense")
+    return (masked_grad_gather_triton if way == "gather" else masked_grad_matmul_triton)(x, grad_y, n, key)

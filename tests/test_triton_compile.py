@@ -14,24 +14,18 @@ import pytest
 
 ARCHS = (90, 80)
 # Dtypes of the pointer arguments of each variant; other arguments are i32, except the key halves k0, k1: i64
-# (what Triton makes of a half >= 2^31). The sparse gather passes its output as delta too. Extra constexprs: the rows
-# kernel's token block is the launcher's choice (1 row for a 4096x4096 bf16 layer), and the multi-tensor AdamW kernel's
-# weight dtype and binary-search depth (5: up to 32 matrices).
+# (what Triton makes of a half >= 2^31). The sparse gather passes its output as delta too; the masked gradient's
+# matmul way gathers from fp32 blocks into fp32. Extra constexprs: the multi-tensor AdamW kernel's weight dtype and
+# binary-search depth (5: up to 32 matrices).
 VARIANTS = {
     "mask_positions": ("positions", "mask_positions_kernel", {"rows_ptr": "i64", "cols_ptr": "i64"}, {}),
     "mask_slots": ("positions", "mask_slots_kernel", {"rows_ptr": "i64", "cols_ptr": "i64", "slots_ptr": "i64"}, {}),
     "masked_grad_gather_bf16": ("masked_grad", "masked_grad_gather_kernel",
                                 {"x_ptr": "bf16", "gy_ptr": "bf16", "g_ptr": "fp32"}, {}),
-    "masked_grad_rows_bf16": ("masked_grad", "masked_grad_rows_kernel",
-                              {"x_ptr": "bf16", "gy_ptr": "bf16", "g_ptr": "fp32"}, {"BLOCK_T": 1}),
-    "masked_grad_dense_bf16": ("masked_grad", "masked_grad_dense_kernel",
-                               {"x_ptr": "bf16", "gy_ptr": "bf16", "g_ptr": "fp32"}, {"DOT_DTYPE": "bfloat16"}),
-    "masked_grad_dense_fp16": ("masked_grad", "masked_grad_dense_kernel",
-                               {"x_ptr": "fp16", "gy_ptr": "fp16", "g_ptr": "fp32"}, {"DOT_DTYPE": "float16"}),
-    "masked_grad_dense_fp32": ("masked_grad", "masked_grad_dense_kernel",
-                               {"x_ptr": "fp32", "gy_ptr": "fp32", "g_ptr": "fp32"}, {"DOT_DTYPE": "float32"}),
     "gather_weight_bf16": ("sparse_update", "sparse_weight_kernel",
                            {"weight_ptr": "bf16", "base_ptr": "bf16", "delta_ptr": "bf16"}, {"UPDATE": False}),
+    "gather_rows_fp32": ("sparse_update", "sparse_weight_kernel",
+                         {"weight_ptr": "fp32", "base_ptr": "fp32", "delta_ptr": "fp32"}, {"UPDATE": False}),
     "sparse_update_bf16": ("sparse_update", "sparse_weight_kernel",
                            {"weight_ptr": "bf16", "base_ptr": "bf16", "delta_ptr": "fp32"}, {"UPDATE": True}),
     "masked_adamw_bf16": ("masked_adamw", "masked_adamw_kernel",
@@ -60,12 +54,11 @@ def compile_all(cap: int) -> dict:
             mod = importlib.import_module(f"randmask.kernels.{module}")
             fn = getattr(mod, kernel)
             constexprs = {k: getattr(tl, v) if isinstance(v, str) else v for k, v in extra.items()}
-            prefix = "GATHER_" if "gather" in kernel else "ROWS_" if "rows" in kernel else "DENSE_"
             for arg in fn.arg_names:  # block sizes: the module constants the launchers pass
                 if arg == "BLOCK":
                     constexprs[arg] = mod.BLOCK
-                elif arg.startswith(("BLOCK_", "GROUP_")) and arg not in constexprs:
-                    constexprs[arg] = getattr(mod, prefix + arg)
+                elif arg.startswith("BLOCK_") and arg not in constexprs:
+                    constexprs[arg] = getattr(mod, "GATHER_" + arg)
             signature = {arg: "constexpr" if arg in constexprs else f"*{pointers[arg]}" if arg in pointers
                          else "i64" if arg in ("k0", "k1") else "fp32" if arg in FP32_ARGS else "i32"
                          for arg in fn.arg_names}

@@ -109,17 +109,17 @@ def _activations(shape, tokens, dtype, contiguous):
             torch.randn(tokens, 2 * out_features, generator=gen).to(dtype)[:, ::2])
 
 
-# T = 77 and 40 are not multiples of the token blocks (32); (70, 90) and (33, 130) not of the 64x64 tiles.
+# T = 77 and 40 are not multiples of the gather's token block (32).
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,tokens,contiguous", [((70, 90), 77, False), ((33, 130), 40, True)])
-@pytest.mark.parametrize("launcher", [mg.masked_grad_gather_triton, mg.masked_grad_dense_triton,
-                                      mg.masked_grad_rows_triton], ids=["gather", "dense", "rows"])
+@pytest.mark.parametrize("launcher", [mg.masked_grad_gather_triton, mg.masked_grad_matmul_triton],
+                         ids=["gather", "matmul"])
 def test_masked_grad_matches_twin(launcher, shape, tokens, contiguous, dtype):
     x, grad_y = _activations(shape, tokens, dtype, contiguous)
     assert x.is_contiguous() == contiguous and grad_y.is_contiguous() == contiguous
     numel = shape[0] * shape[1]
-    # the dense kernel costs the same at any n; the gather kernel's grid grows with n, so it gets smaller counts
-    counts = (0, 1, numel // 3, numel) if launcher is mg.masked_grad_dense_triton else (0, 1, 300)
+    # the matmul way costs the same at any n; the gather kernel's grid grows with n, so it gets smaller counts
+    counts = (0, 1, numel // 3, numel) if launcher is mg.masked_grad_matmul_triton else (0, 1, 300)
     for n in counts:
         rows, cols = _positions_torch(shape, n, KEY)
         got = launcher(x, grad_y, n, KEY)
@@ -141,51 +141,56 @@ def test_masked_grad_gather_token_split(tokens):
                                    mg.masked_grad_gather_torch(x, grad_y, rows, cols), rtol=1e-5, atol=1e-4)
 
 
-# (rows bytes, slots per program, partial-sum bytes): token blocks of 1 row, one token each split; blocks of 2 rows
-# and 3 slot splits; 2 token splits of 3 blocks each, so a program adds to its partial sums across blocks
-@pytest.mark.parametrize("rows_bytes,rows_slots,partial_bytes", [(1, 4096, 64 << 20), (2000, 128, 64 << 20),
-                                                                (1, 4096, 2 * 4 * 300)])
-def test_masked_grad_rows_blocks_and_splits(monkeypatch, rows_bytes, rows_slots, partial_bytes):
-    # the rows kernel's partial sums over token splits (the last one short) and slot splits add up to the twin's
-    for name, value in (("ROWS_BYTES", rows_bytes), ("ROWS_SLOTS", rows_slots), ("ROWS_PARTIAL_BYTES", partial_bytes)):
-        monkeypatch.setattr(mg, name, value)
-    x, grad_y = _activations((70, 90), 5, torch.float32, False)
-    for n in (1, 300):
+@pytest.mark.parametrize("block_k,block_t", [(512, 8), (4096, 1)])
+def test_masked_grad_gather_block_shapes(monkeypatch, block_k, block_t):
+    # the wide block shapes gpu_check.sh sweeps (a program's slots sharing few token rows) give the twin's result
+    monkeypatch.setattr(mg, "GATHER_BLOCK_K", block_k)
+    monkeypatch.setattr(mg, "GATHER_BLOCK_T", block_t)
+    x, grad_y = _activations((70, 90), 45, torch.float32, False)
+    for n in (1, 700):
         rows, cols = _positions_torch((70, 90), n, KEY)
-        torch.testing.assert_close(mg.masked_grad_rows_triton(x, grad_y, n, KEY),
+        torch.testing.assert_close(mg.masked_grad_gather_triton(x, grad_y, n, KEY),
+                                   mg.masked_grad_gather_torch(x, grad_y, rows, cols), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_rows", [1, 16, 69])
+def test_masked_grad_matmul_row_blocks(monkeypatch, block_rows):
+    # the matmul way in blocks of output rows (the last one short): every slot is taken from the block holding its
+    # row, exactly once, and no block is bigger than the budget
+    x, grad_y = _activations((70, 90), 20, torch.float32, False)
+    monkeypatch.setattr(mg, "TEMP_BYTES", 4 * 90 * block_rows)
+    blocks = []
+    mm = mg._mm_fp32
+    monkeypatch.setattr(mg, "_mm_fp32", lambda a, b: blocks.append(a.shape[0]) or mm(a, b))
+    for n in (1, 300, 70 * 90):
+        blocks.clear()
+        rows, cols = _positions_torch((70, 90), n, KEY)
+        torch.testing.assert_close(mg.masked_grad_matmul_triton(x, grad_y, n, KEY),
                                    mg.masked_grad_gather_torch(x, grad_y, rows, cols), rtol=1e-5, atol=1e-5)
+        assert max(blocks) == block_rows and sum(blocks) == 70
 
 
-@pytest.mark.parametrize("launcher", [mg.masked_grad_gather_triton, mg.masked_grad_dense_triton,
-                                      mg.masked_grad_rows_triton, mg.masked_grad_triton])
+@pytest.mark.parametrize("launcher", [mg.masked_grad_gather_triton, mg.masked_grad_matmul_triton,
+                                      mg.masked_grad_triton])
 def test_masked_grad_no_tokens(launcher):
     x, grad_y = torch.empty(0, 9), torch.empty(0, 5)
     assert torch.equal(launcher(x, grad_y, 20, KEY), torch.zeros(20))
 
 
-@pytest.mark.parametrize("way", ["gather", "token-major", "dense"])
-@pytest.mark.parametrize("contiguous", [True, False])
-def test_masked_grad_dispatch_ways(monkeypatch, way, contiguous):
-    # each way the dispatcher can take gives the twin's result; the token-major way hands the gather kernel
-    # token-major copies (stride 1 along tokens) and leaves the caller's tensors alone
+@pytest.mark.parametrize("way", ["gather", "matmul"])
+def test_masked_grad_dispatch_ways(monkeypatch, way):
+    # the dispatcher runs the way the cost model names, and that way gives the twin's result
     launched = []
-    launch = mg._launch_masked_grad
+    for name in ("gather", "matmul"):
+        launcher = getattr(mg, f"masked_grad_{name}_triton")
+        monkeypatch.setattr(mg, f"masked_grad_{name}_triton",
+                            lambda *args, name=name, launcher=launcher: launched.append(name) or launcher(*args))
     monkeypatch.setattr(mg, "masked_grad_way_gpu", lambda *shape: way)
-    monkeypatch.setattr(mg, "_launch_masked_grad",
-                        lambda x, gy, n, key, dense: launched.append((x.stride(0), gy.stride(0), dense))
-                        or launch(x, gy, n, key, dense=dense))
-    x, grad_y = _activations((20, 50), 40, torch.float32, contiguous)
-    x_before, grad_y_before = x.clone(), grad_y.clone()
+    x, grad_y = _activations((20, 50), 40, torch.float32, False)
     rows, cols = _positions_torch((20, 50), 300, KEY)
     torch.testing.assert_close(mg.masked_grad_triton(x, grad_y, 300, KEY),
                                mg.masked_grad_gather_torch(x, grad_y, rows, cols), rtol=1e-5, atol=1e-5)
-    (x_stride, grad_y_stride, dense), = launched
-    assert dense == (way == "dense")
-    if way == "token-major":
-        assert (x_stride, grad_y_stride) == (1, 1)
-    else:
-        assert (x_stride, grad_y_stride) == (x.stride(0), grad_y.stride(0))
-    assert torch.equal(x, x_before) and torch.equal(grad_y, grad_y_before)
+    assert launched == [way]
 
 
 def test_masked_grad_dispatcher_asks_the_cost_model(monkeypatch):
@@ -197,16 +202,33 @@ def test_masked_grad_dispatcher_asks_the_cost_model(monkeypatch):
     assert asked == [(30, 8, 20, 50)]  # (n, tokens, out, in)
 
 
+def test_matmul_way_keeps_fp32_products_of_half_inputs(monkeypatch):
+    # on a GPU, fp16/bf16 operands reach cuBLAS as they are with an fp32 result (never rounded to bf16); elsewhere
+    # they are upcast. Checked on the CPU by what _mm_fp32 asks torch.mm for.
+    calls = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **kw: calls.append((a.dtype, kw)) or mm(a.float(), b.float()))
+    a, b = torch.randn(3, 4).bfloat16(), torch.randn(4, 5).bfloat16()
+    assert mg._mm_fp32(a, b).dtype == torch.float32 and calls == [(torch.float32, {})]
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    calls.clear()
+    mg._mm_fp32(a, b)
+    assert calls == [(torch.bfloat16, {"out_dtype": torch.float32})] if mg._MM_FP32_OUT else [(torch.float32, {})]
+
+
 @pytest.mark.parametrize("table", ["masked_grad_cuda_bfloat16.json", "masked_grad_cuda_bfloat16_T8192.json"])
 def test_gpu_cost_model_picks_the_measured_fastest_way(table):
-    # the stored GPU tables (benchmarks/bench_masked_grad.py, one column per way): in every row, the way the cost
-    # model picks measured within 10% of the fastest of the three
+    # the stored GPU tables (benchmarks/bench_masked_grad.py, a column per way): in every row, the way the cost model
+    # picks measured within 10% of the faster of the two. The matmul way's own column (triton-matmul) is read where
+    # the table has it; tables from before it existed have its nearest twin, matmul-gather (the same cuBLAS matmul
+    # with a bf16 result, then a torch gather).
     data = json.loads((RESULTS / table).read_text())
-    column = {"gather": "triton-gather", "token-major": "triton-gather-T", "dense": "triton-dense"}
     tokens = data["args"]["tokens"]
     rows = [(shape, row) for shape, shape_rows in data["shapes"].items() for row in shape_rows]
     assert len(rows) >= 5
     for shape, row in rows:
+        column = {"gather": "triton-gather",
+                  "matmul": "triton-matmul" if "triton-matmul" in row["ms"] else "matmul-gather"}
         out_features, in_features = map(int, shape.split("x"))
         way = mg.masked_grad_way_gpu(row["n"], tokens, out_features, in_features)
         fastest = min(row["ms"][name] for name in column.values())
@@ -241,6 +263,25 @@ def test_gather_and_update_match_twins(shape, dtype):
             _assert_bf16_within_one_ulp(got[rows, cols], ref[rows, cols])
         else:
             assert torch.equal(got, ref)
+
+
+def test_gather_rows_takes_the_slots_of_its_block():
+    # a block of rows [row_begin, row_begin + rows) of a (70, 90) matrix: the slots whose row it holds get their
+    # value (cast to base's dtype), every other entry of base keeps what it had
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(70, 90, generator=gen)
+    n = 2000
+    rows, cols = _positions_torch((70, 90), n, KEY)
+    for row_begin, block_rows in ((0, 70), (0, 1), (13, 20), (69, 1)):
+        base = torch.full((n,), -7.0, dtype=torch.float64)
+        su.gather_rows_triton(weight[row_begin:row_begin + block_rows], base, n, KEY, (70, 90), row_begin)
+        held = (rows >= row_begin) & (rows < row_begin + block_rows)
+        assert torch.equal(base[held], weight[rows[held], cols[held]].double())
+        assert (base[~held] == -7.0).all()
+    with pytest.raises(ValueError, match="not a block of rows"):
+        su.gather_rows_triton(weight[60:], torch.zeros(n), n, KEY, (70, 90), 61)
+    with pytest.raises(ValueError, match="base must be contiguous"):
+        su.gather_rows_triton(weight, torch.zeros(n + 1), n, KEY, (70, 90), 0)
 
 
 def test_gpu_check_script_smoke():
