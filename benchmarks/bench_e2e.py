@@ -166,7 +166,9 @@ def run_method(args):
             else:
                 model.save_pretrained(tmp)
             adapter_bytes = sum(f.stat().st_size for f in pathlib.Path(tmp).rglob("*.safetensors"))
-    print(json.dumps({"method": args.method, "step_s": statistics.median(times), "peak_bytes": peak,
+    # every timed step too: whether a host-bound GPU step drifts within a process (the H200 read one method 1.7x
+    # apart in two processes minutes apart) shows there
+    print(json.dumps({"method": args.method, "step_s": statistics.median(times), "steps_s": times, "peak_bytes": peak,
                       "rss_growth_bytes": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024,
                       "trainable": sum(p.numel() for p in trainable), "adapter_bytes": adapter_bytes}))
 
@@ -230,6 +232,7 @@ def main():
                     if method in SETTING_FREE:
                         shared[method] = row
                     print(f"{setting:10s} {method:9s} round {round_}: {row['step_s'] * 1e3:9.1f} ms "
+                          f"(steps {min(row['steps_s']) * 1e3:.1f}-{max(row['steps_s']) * 1e3:.1f}) "
                           f"{row['peak_bytes'] / 2**20:9.1f} MiB  trainable {row['trainable']:,}", flush=True)
                 every_round = rows[method]["rounds_s"] if method in rows else []
                 if method not in rows or row["step_s"] < rows[method]["step_s"]:
