@@ -152,7 +152,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
 
 
-def test_trainer_lowers_the_loss(tmp_path):
+@pytest.mark.parametrize("optimizer", ["trainer's", "MaskedAdamW"])
+def test_trainer_lowers_the_loss(tmp_path, optimizer):
+    # Trainer with its own optimizer (torch AdamW; the step hook syncs the weights) or given MaskedAdamW, which
+    # writes the merged weights itself
     from transformers import Trainer, TrainingArguments
 
     model = randmask.apply(tiny_llama(), RandMaskConfig(density=0.1, target_modules="all-linear"))
@@ -163,7 +166,16 @@ def test_trainer_lowers_the_loss(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=8,
                              learning_rate=2e-2, lr_scheduler_type="constant", report_to=[], use_cpu=True,
                              save_strategy="no", logging_steps=10, disable_tqdm=True, dataloader_num_workers=0)
-    Trainer(model=model, args=args, train_dataset=data).train()
+    optimizers = (None, None)  # Trainer builds its default optimizer and scheduler
+    if optimizer == "MaskedAdamW":
+        optimizers = (randmask.MaskedAdamW(model.parameters(), lr=2e-2), None)
+    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=optimizers)
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
+                      randmask.MaskedAdamW) == (optimizer == "MaskedAdamW")
+    for _, layer in randmask.masked_layers(model):  # every weight holds base + delta at its masked entries
+        rows, cols = layer.positions()
+        assert torch.equal(layer.weight[rows, cols], (layer.base.float() + layer.delta.detach()).to(layer.weight.dtype))
     with torch.no_grad():
         after = lm_loss(model, held_out).item()
     assert after < 0.8 * before, (before, after)
