@@ -114,6 +114,13 @@ def main():
         adamw_op.masked_adamw_multi_triton(batch, **hyper)
         same = all(torch.equal(x, y) for one, many in zip(per_matrix, batch) for x, y in zip(one[:6], many[:6]))
         check(same, f"MaskedAdamW one launch for 3 matrices vs one launch each {dtype}: bitwise")
+        # the merged-weight write of the same matrices (the step hook's for torch optimizers), likewise
+        for *tensors, matrix_key, _ in per_matrix:
+            update_op.sparse_update_triton(tensors[0], tensors[1], tensors[2] + 1e-3, matrix_key)
+        update_op.sparse_update_multi_triton([(w, base, delta + 1e-3, matrix_key)
+                                              for w, base, delta, *_, matrix_key, _ in batch])
+        same = all(torch.equal(one[0], many[0]) for one, many in zip(per_matrix, batch))
+        check(same, f"sparse update, one launch for 3 matrices vs one launch each {dtype}: bitwise")
     print(f"{len(failures)} failed" if failures else "all Triton kernels agree with their torch twins")
     sys.exit(1 if failures else 0)
 

@@ -34,11 +34,10 @@ them (computing them from the key when absent), the kernels compute positions in
     masked_adamw_multi_triton: the same for a list of matrices (one weight dtype, own step counts) in one launch
     adamw_torch:          the same step without a weight write, for plain parameters (any shape and dtype)
 """
-import contextlib
-
 import torch
 
 from .mask_addressing import cdiv, kernel_mask_args, slot_to_flat_torch  # plain Python: fine without triton
+from .matrix_table import launch_over_table, table_row
 from .sparse_update import sparse_update_torch
 
 try:
@@ -46,11 +45,12 @@ try:
     import triton.language as tl
 
     from .mask_addressing import slot_to_flat
+    from .matrix_table import WEIGHT_DTYPES, find_row, mask_fields, pointer_field
+    from .sparse_update import store_merged
 except ImportError:  # triton is optional: the torch twins are the whole CPU path
     triton = None
 
 BLOCK = 1024  # slots per program
-TABLE_FIELDS = 16  # int64 values per matrix in the multi-tensor kernel's table
 
 
 def adamw_scalars(*, lr, beta1, beta2, eps, weight_decay, step):
@@ -129,9 +129,6 @@ def masked_adamw_torch(weight, base, delta, grad, exp_avg, exp_avg_sq, key, *, l
 # tl.sqrt_rn and tl.div_rn are IEEE round-to-nearest (tl.sqrt and tl.fdiv are approximations); the launcher passes
 # enable_fp_fusion=False so that only the explicit tl.fma calls fuse, as in torch's CPU kernels.
 if triton is not None:
-    _TABLE_FIELDS = tl.constexpr(TABLE_FIELDS)
-    WEIGHT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
-                     torch.float64: tl.float64}  # the weight dtypes the multi-tensor kernel is compiled for
 
     @triton.jit
     def masked_adamw_slots(k, n, weight_ptr, base_ptr, delta_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr,
@@ -158,9 +155,7 @@ if triton is not None:
         tl.store(exp_avg_ptr + k, m, mask=live)
         tl.store(exp_avg_sq_ptr + k, v, mask=live)
         p = slot_to_flat(tl.where(live, k, 0), numel, a_radix, b_radix, k0, k1)
-        merged = tl.load(base_ptr + k, mask=live).to(tl.float32) + delta
-        w = weight_ptr + (p // in_features) * stride_r + (p % in_features) * stride_c
-        tl.store(w, merged.to(weight_ptr.dtype.element_ty), mask=live)
+        store_merged(weight_ptr, base_ptr, k, delta, live, p, in_features, stride_r, stride_c)
 
     @triton.jit(do_not_specialize=["k0", "k1"])
     def masked_adamw_kernel(weight_ptr, base_ptr, delta_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr,
@@ -174,48 +169,24 @@ if triton is not None:
                            decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps)
 
     @triton.jit
-    def masked_adamw_multi_kernel(table_ptr, step_scalars_ptr, matrices,
-                                  decay, lerp_weight, beta2, one_minus_beta2, eps,
-                                  WEIGHT_DTYPE: tl.constexpr, BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr):
-        # Program i: the BLOCK = 1024 slots k of block i - first_j of matrix j, the last matrix whose first block
-        # first_j is <= i (found by a binary search over the rows, in block order: SEARCH_STEPS = bit length of
-        # matrices - 1), stepped by masked_adamw_slots (fp32 throughout):
+    def masked_adamw_multi_kernel(table_ptr, matrices, step_scalars_ptr, decay, lerp_weight, beta2, one_minus_beta2,
+                                  eps, WEIGHT_DTYPE: tl.constexpr, BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+        # Program i: the BLOCK = 1024 slots k of block i - first_j of matrix j (kernels/matrix_table.py: the row
+        # search and the table's fields), stepped by masked_adamw_slots (fp32 throughout):
         #   delta *= decay;  m = lerp(m, g, lerp_weight);  v = beta2 * v + one_minus_beta2 * g * g
         #   delta += neg_step_size_j * m / (sqrt(v) / bias_correction2_sqrt_j + eps)
         #   weight_j[r_k, c_k] = weight dtype(fp32(base_k) + delta),  (r_k, c_k) = divmod(sigma_j(k), in_j)
-        # Row j of the table holds matrix j's addresses, sizes, mask arguments, strides and first block (int64: the
-        # values the single-matrix kernel gets as arguments; k0 and k1 become uint32 in slot_to_flat as there), and
-        # step_scalars[2j], step_scalars[2j + 1] its step-dependent scalars (fp32); the others are the group's.
+        # step_scalars[2j], step_scalars[2j + 1] are matrix j's step-dependent scalars (fp32); the others the group's.
         block = tl.program_id(0).to(tl.int64)
-        param = block * 0
-        for i in tl.static_range(SEARCH_STEPS):  # binary lifting: the largest j with first_j <= block
-            candidate = param + (1 << (SEARCH_STEPS - 1 - i))
-            inside = candidate < matrices
-            first = tl.load(table_ptr + tl.where(inside, candidate, 0) * _TABLE_FIELDS + 15)
-            param = tl.where(inside & (first <= block), candidate, param)
-        row = table_ptr + param * _TABLE_FIELDS  # in the order masked_adamw_multi_triton writes it
-        weight_ptr = tl.load(row).to(tl.pointer_type(WEIGHT_DTYPE))
-        base_ptr = tl.load(row + 1).to(tl.pointer_type(WEIGHT_DTYPE))
-        delta_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-        grad_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-        exp_avg_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-        exp_avg_sq_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-        n = tl.load(row + 6)
-        in_features = tl.load(row + 7)
-        numel = tl.load(row + 8)
-        a_radix = tl.load(row + 9)
-        b_radix = tl.load(row + 10)
-        k0 = tl.load(row + 11)
-        k1 = tl.load(row + 12)
-        stride_r = tl.load(row + 13)
-        stride_c = tl.load(row + 14)
-        first_block = tl.load(row + 15)
-        neg_step_size = tl.load(step_scalars_ptr + 2 * param)
-        bias_correction2_sqrt = tl.load(step_scalars_ptr + 2 * param + 1)
+        param, row = find_row(table_ptr, block, matrices, SEARCH_STEPS)
+        n, in_features, numel, a_radix, b_radix, k0, k1, stride_r, stride_c, first_block = mask_fields(row)
         k = (block - first_block) * BLOCK + tl.arange(0, BLOCK)
-        masked_adamw_slots(k, n, weight_ptr, base_ptr, delta_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr,
+        masked_adamw_slots(k, n, pointer_field(row, 0, WEIGHT_DTYPE), pointer_field(row, 1, WEIGHT_DTYPE),
+                           pointer_field(row, 2, tl.float32), pointer_field(row, 3, tl.float32),
+                           pointer_field(row, 4, tl.float32), pointer_field(row, 5, tl.float32),
                            in_features, numel, a_radix, b_radix, k0, k1, stride_r, stride_c,
-                           decay, lerp_weight, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps)
+                           decay, lerp_weight, beta2, one_minus_beta2, tl.load(step_scalars_ptr + 2 * param),
+                           tl.load(step_scalars_ptr + 2 * param + 1), eps)
 
 
 def masked_adamw_triton(weight, base, delta, grad, exp_avg, exp_avg_sq, key, *, lr, beta1, beta2, eps,
@@ -248,7 +219,7 @@ def masked_adamw_multi_triton(batch, *, lr, beta1, beta2, eps, weight_decay):
         raise ValueError(f"weights must be one of {sorted(map(str, WEIGHT_DTYPES))}, got {weight_dtype}")
     hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
     decay, lerp_weight, _, one_minus_beta2, _, _, _ = adamw_scalars(**hyper, step=1)  # the step-independent ones
-    table, step_scalars, flat_inputs, blocks = [], [], [], 0
+    rows, counts, step_scalars, flat_inputs = [], [], [], []
     for weight, base, delta, grad, exp_avg, exp_avg_sq, key, step in batch:
         if weight.dtype != weight_dtype or weight.device != device:
             raise ValueError(f"one launch steps weights of one dtype and device: got {weight.dtype} on "
@@ -261,25 +232,14 @@ def masked_adamw_multi_triton(batch, *, lr, beta1, beta2, eps, weight_decay):
         base, grad = base.contiguous(), grad.contiguous()  # read as flat arrays; kept alive until the launch
         flat_inputs.append((base, grad))
         step_scalars += scalars[4:6]  # neg_step_size, bias_correction2_sqrt
-        table += (weight.data_ptr(), base.data_ptr(), delta.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(),
-                  exp_avg_sq.data_ptr(), n, weight.shape[1], *mask, *weight.stride(), blocks)
-        blocks += cdiv(n, BLOCK)
-    if not blocks:
-        return
-    if len(flat_inputs) == 1:  # one matrix: the single-matrix kernel needs no table, nor its host-to-device copies
+        rows.append(table_row(weight, base, delta, n, mask, grad, exp_avg, exp_avg_sq))
+        counts.append(n)
+    if len(rows) == 1:  # one matrix: the single-matrix kernel needs no table, nor its host-to-device copies
         _launch_one(*last)
-        return
-    # One host table (a row per matrix: O(matrices), whatever n) and one of fp32 scalars. On a GPU they travel by
-    # non-blocking copies from pinned memory: a pageable copy would synchronize the stream and stall the host.
-    on_gpu = device.type == "cuda"
-    matrices = len(flat_inputs)
-    table = torch.tensor(table, dtype=torch.int64, pin_memory=on_gpu)
-    step_scalars = torch.tensor(step_scalars, dtype=torch.float32, pin_memory=on_gpu)
-    if on_gpu:
-        table, step_scalars = (t.to(device, non_blocking=True) for t in (table, step_scalars))
-    # The matrices reach the kernel only through the table, so Triton cannot tell their device: launch on it.
-    with torch.cuda.device(device) if on_gpu else contextlib.nullcontext():
-        masked_adamw_multi_kernel[(blocks,)](
-            table, step_scalars, matrices, float(decay), float(lerp_weight), float(beta2), float(one_minus_beta2),
-            float(eps), WEIGHT_DTYPE=WEIGHT_DTYPES[weight_dtype], BLOCK=BLOCK,
-            SEARCH_STEPS=(matrices - 1).bit_length(), enable_fp_fusion=False)
+    elif rows:
+        on_gpu = device.type == "cuda"
+        step_scalars = torch.tensor(step_scalars, dtype=torch.float32, pin_memory=on_gpu)
+        step_scalars = step_scalars.to(device, non_blocking=True) if on_gpu else step_scalars
+        launch_over_table(masked_adamw_multi_kernel, rows, counts, BLOCK, device, step_scalars, float(decay),
+                          float(lerp_weight), float(beta2), float(one_minus_beta2), float(eps),
+                          WEIGHT_DTYPE=WEIGHT_DTYPES[weight_dtype], BLOCK=BLOCK, enable_fp_fusion=False)

@@ -52,6 +52,19 @@ def sparse_update(weight: torch.Tensor, base: torch.Tensor, delta: torch.Tensor,
         sparse_update_op.sparse_update_torch(weight, base, delta, *mask.positions(weight.device))
 
 
+def sparse_update_many(updates) -> None:
+    """sparse_update for every (weight, base, delta, mask) of updates; on the Triton backend, those whose weights
+    share a device and dtype in one launch (one launch per layer would cost its host time each)."""
+    batches = {}
+    for weight, base, delta, mask in updates:
+        if kernel_backend(weight.device) == "triton" and delta.dtype == torch.float32:
+            batches.setdefault((weight.device, weight.dtype), []).append((weight, base, delta, mask.key))
+        else:
+            sparse_update(weight, base, delta, mask)
+    for batch in batches.values():
+        sparse_update_op.sparse_update_multi_triton(batch)
+
+
 def _signed(key: int) -> int:
     """torch.library ints are int64: carry the unsigned 64-bit key as its two's-complement value."""
     return key - (1 << 64) if key >= (1 << 63) else key

@@ -9,7 +9,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from randmask.addressing import MatrixMask, count_for_density, layer_key, mask_positions
-from randmask.functional import gather_weight, masked_linear, sparse_update
+from randmask.functional import gather_weight, masked_linear, sparse_update, sparse_update_many
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -23,14 +23,16 @@ def is_conv1d(module: nn.Module) -> bool:
 # to the forward's version check alone: a fused optimizer (AdamW(fused=True)) does not bump version counters, and a
 # compiled forward does no eager checks. An optimizer that writes the merged entries itself
 # (randmask.optim.MaskedAdamW) sets `writes_merged_weights` and calls `mark_synced()` instead.
+# The layers' writes go together (sparse_update_many: one launch per device and dtype on the Triton backend).
+@torch.no_grad()
 def _sync_after_step(optimizer, args, kwargs):
     if getattr(optimizer, "writes_merged_weights", False):
         return
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            layer = layer_of(param)
-            if layer is not None:
-                layer.sync()
+    layers = [layer for group in optimizer.param_groups for layer in map(layer_of, group["params"])
+              if layer is not None]
+    sparse_update_many([(layer.weight, layer.base, layer.delta, layer.mask) for layer in layers if layer.n])
+    for layer in layers:
+        layer.mark_synced()
 
 
 register_optimizer_step_post_hook(_sync_after_step)

@@ -116,9 +116,11 @@ def test_matches_adamw_then_sync(dtype, backend, monkeypatch):
 # ---------------------------------------------------------------- (b) no second sync; the forward sees the step
 @pytest.mark.usefixtures("torch_backend")
 def test_step_writes_weights_so_layers_do_not_resync(monkeypatch):
-    syncs = []
-    real = layer_module.sparse_update
+    syncs = []  # the weights written by a layer's own sync or by the optimizer hook's
+    real, real_many = layer_module.sparse_update, layer_module.sparse_update_many
     monkeypatch.setattr(layer_module, "sparse_update", lambda *args: syncs.append(args[0]) or real(*args))
+    monkeypatch.setattr(layer_module, "sparse_update_many",
+                        lambda updates: syncs.extend(u[0] for u in updates) or real_many(updates))
     model = make_tiny()
     initial = [layer.weight.detach().clone() for layer in model.masked()]
     (x, target), (x2, _) = batches(2)
@@ -138,11 +140,12 @@ def test_step_writes_weights_so_layers_do_not_resync(monkeypatch):
         stale = activation(F.linear(stale, w0, layer.bias.detach()))
     torch.testing.assert_close(out, expected)  # to fp32 rounding: another matmul layout
     assert (out - stale).abs().max() > 100 * (out - expected).abs().max()
-    # the counter does see syncs: a torch optimizer's step makes the layers sync
+    # the counter does see syncs: a torch optimizer's step makes the layers sync (in its hook, so not again in the
+    # forward)
     train(model, torch.optim.AdamW(model.parameters(), **HYPER), [(x, target)])
     with torch.no_grad():
         model(x2)
-    assert len(syncs) >= 2
+    assert [id(w) for w in syncs] == [id(layer.weight) for layer in model.masked()]
 
 
 # ---------------------------------------------------------------- (c) the Triton kernel (interpreted) vs the twin
@@ -316,6 +319,61 @@ def test_optimizer_steps_triton_in_one_launch_per_group_and_dtype(monkeypatch):
         for layer in ours.masked():
             layer(torch.randn(3, layer.in_features).to(layer.weight.dtype))
     assert synced == []  # the step marked the layers synced
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_multi_matrix_sync_matches_one_launch_each(dtype):
+    # the one-launch merged-weight write (the step hook's, for torch optimizers) against sparse_update_triton per
+    # matrix: bitwise, other entries untouched, n = 0 and a transposed weight included
+    from randmask.kernels import sparse_update as su
+
+    gen = torch.Generator().manual_seed(8)
+    ours = multi_batch(dtype, gen)
+    for _, _, delta, *_ in ours:
+        delta.copy_(torch.randn(delta.numel(), generator=gen))
+    ref = [[t.clone() if torch.is_tensor(t) else t for t in matrix] for matrix in ours]
+    initial = [weight.clone() for weight, *_ in ours]
+    su.sparse_update_multi_triton([(weight, base, delta, key) for weight, base, delta, _, _, key in ours])
+    for weight, base, delta, _, _, key in ref:
+        su.sparse_update_triton(weight, base, delta, key)
+    for (weight, _, delta, _, _, key), (ref_weight, *_), w0 in zip(ours, ref, initial):
+        assert torch.equal(weight, ref_weight)
+        outside = torch.ones(weight.shape, dtype=torch.bool)
+        outside[positions(tuple(weight.shape), delta.numel(), key)] = False
+        assert torch.equal(weight[outside], w0[outside]) and (delta.numel() == 0 or not torch.equal(weight, w0))
+    fp32, bf16 = multi_batch(torch.float32, gen)[0], multi_batch(torch.bfloat16, gen)[1]
+    with pytest.raises(ValueError, match="one dtype and device"):
+        su.sparse_update_multi_triton([(fp32[0], fp32[1], fp32[2], fp32[5]), (bf16[0], bf16[1], bf16[2], bf16[5])])
+    with pytest.raises(ValueError, match="fp32 deltas"):
+        su.sparse_update_multi_triton([(fp32[0], fp32[1], fp32[2].double(), fp32[5])])
+    with pytest.raises(ValueError, match="1-D base and delta of one length"):
+        su.sparse_update_multi_triton([(fp32[0], fp32[1], fp32[2][:-1], fp32[5])])
+
+
+@triton_only
+def test_torch_optimizer_hook_syncs_in_one_launch_per_dtype(monkeypatch):
+    # after a torch AdamW step the hook writes every layer's merged entries: on the Triton backend one launch for
+    # the fp32 weights and one for the bf16 one, and the same weights as a sync per layer
+    from randmask.kernels import sparse_update as su
+
+    monkeypatch.setenv("RANDMASK_BACKEND", "triton")
+    ours, ref = Stack(), Stack()
+    launches = []
+    multi = su.sparse_update_multi_triton
+    monkeypatch.setattr(su, "sparse_update_multi_triton", lambda batch: launches.append(len(batch)) or multi(batch))
+    opts = [torch.optim.AdamW([layer.delta for layer in model.masked()], lr=1e-2) for model in (ours, ref)]
+    opts[1].writes_merged_weights = True  # the hook leaves the reference alone: it syncs layer by layer below
+    for model, opt in zip((ours, ref), opts):
+        for layer in model.masked():
+            layer.delta.grad = torch.randn(layer.n, generator=torch.Generator().manual_seed(layer.n))
+        opt.step()
+    assert launches == [3, 1]  # q, v, k (fp32) and o (bf16)
+    for layer, ref_layer in zip(ours.masked(), ref.masked()):
+        assert torch.equal(layer.delta, ref_layer.delta)
+        assert layer.delta._version == layer._synced_version  # marked synced: the forward will not write again
+        ref_layer.sync()
+        assert torch.equal(layer.weight, ref_layer.weight)
 
 
 @triton_only

@@ -15,7 +15,7 @@ import pytest
 ARCHS = (90, 80)
 # Dtypes of the pointer arguments of each variant; other arguments are i32, except the key halves k0, k1: i64
 # (what Triton makes of a half >= 2^31). The sparse gather passes its output as delta too; the masked gradient's
-# matmul way gathers from fp32 blocks into fp32. Extra constexprs: the multi-tensor AdamW kernel's weight dtype and
+# matmul way gathers from fp32 blocks into fp32. Extra constexprs: the multi-matrix kernels' weight dtype and
 # binary-search depth (5: up to 32 matrices).
 VARIANTS = {
     "mask_positions": ("positions", "mask_positions_kernel", {"rows_ptr": "i64", "cols_ptr": "i64"}, {}),
@@ -31,6 +31,8 @@ VARIANTS = {
     "masked_adamw_bf16": ("masked_adamw", "masked_adamw_kernel",
                           {"weight_ptr": "bf16", "base_ptr": "bf16", "delta_ptr": "fp32", "grad_ptr": "fp32",
                            "exp_avg_ptr": "fp32", "exp_avg_sq_ptr": "fp32"}, {}),
+    "sparse_update_multi_bf16": ("sparse_update", "sparse_update_multi_kernel", {"table_ptr": "i64"},
+                                 {"WEIGHT_DTYPE": "bfloat16", "SEARCH_STEPS": 5}),
     "masked_adamw_multi_bf16": ("masked_adamw", "masked_adamw_multi_kernel",
                                 {"table_ptr": "i64", "step_scalars_ptr": "fp32"},
                                 {"WEIGHT_DTYPE": "bfloat16", "SEARCH_STEPS": 5}),
