@@ -15,6 +15,8 @@ where the kernels themselves take microseconds:
   AdamW+sync         torch.optim.AdamW step on the delta, then randmask's step hook syncs the layer
   MaskedAdamW        randmask.optim.MaskedAdamW step (on a GPU one fused launch that also writes the weight)
   AdamW (lora)       torch.optim.AdamW step on LoRA's two matrices
+  ... x32            the two randmask steps on 32 such layers at once (a 16-layer model's q and v): on a GPU one
+                     launch for all the layers' writes where the single-layer cases make one each
 Microseconds per call: the minimum over --rounds rounds of --calls calls each (synchronized once per round, so
 launches overlap as they do in training). With --backends, the randmask cases are measured under each
 RANDMASK_BACKEND in turn (frozen, lora and AdamW (lora) do not depend on it and are measured once).
@@ -66,6 +68,12 @@ def cases(device):
     masked.delta.grad = torch.randn(4, device=device)
     lora_a.weight.grad, lora_b.weight.grad = torch.randn_like(lora_a.weight), torch.randn_like(lora_b.weight)
     x2d, grad_y = torch.randn(8, 64, device=device), torch.randn(8, 64, device=device)
+    layers = [MaskedLinear.from_linear(torch.nn.Linear(64, 64, device=device), n=4, name=f"bench.overhead.{i}")
+              for i in range(32)]
+    for layer in layers:
+        layer.delta.grad = torch.randn(4, device=device)
+    adamw32 = torch.optim.AdamW([layer.delta for layer in layers], lr=1e-3)
+    masked_adamw32 = MaskedAdamW([layer.delta for layer in layers], lr=1e-3)
 
     def backward(y):
         y.sum().backward()
@@ -79,6 +87,8 @@ def cases(device):
         "AdamW+sync": adamw.step,
         "MaskedAdamW": masked_adamw.step,
         "AdamW (lora)": lora_adamw.step,
+        "AdamW+sync x32": adamw32.step,
+        "MaskedAdamW x32": masked_adamw32.step,
     }
 
 
