@@ -74,7 +74,7 @@ if want micro; then
   echo "masked-grad (512 tokens) exit status $?"; save_results
   timeout 50 $PY benchmarks/bench_update.py --device cuda
   echo "update exit status $?"; save_results
-  timeout 30 $PY benchmarks/bench_overhead.py --device cuda  # host cost per layer: what a host-bound step pays
+  timeout 45 $PY benchmarks/bench_overhead.py --device cuda  # host cost per layer: what a host-bound step pays
   echo "overhead exit status $?"; save_results
   # the gather kernel's block sizes at low density: do wide slot blocks (few tokens each) let the slots of one
   # program share token rows through L1? (the kernel as dispatched: 128 slots x 32 tokens)
