@@ -27,6 +27,22 @@ def _token_chunk(width: int) -> int:
     return max(1, (TEMP_BYTES // 4) // (4 * max(width, 1)))
 
 
+# fp16/bf16 operands with an fp32 product straight from cuBLAS (fp32 accumulation, no rounding to the inputs' dtype),
+# where this torch has that overload (aten::mm.dtype, CUDA only)
+_MM_FP32_OUT = "dtype" in torch.ops.aten.mm.overloads()
+
+
+def _mm_direct(a, b) -> bool:
+    """Whether a @ b can take a and b as they are for an fp32 result (half precision on a GPU): no upcast copies."""
+    return a.is_cuda and _MM_FP32_OUT and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16)
+
+
+def _mm_fp32(a, b):
+    """a @ b as fp32: half-precision operands on a GPU as they are (cuBLAS, fp32 accumulation and result), any other
+    case upcast first (exact products, fp32 sums)."""
+    return torch.mm(a, b, out_dtype=torch.float32) if _mm_direct(a, b) else torch.mm(a.float(), b.float())
+
+
 def masked_grad_gather_torch(x, grad_y, rows, cols):
     """Gather twin: per token chunk, fp32 transposed copies of x and grad_y; per slot chunk, a row-gathered dot."""
     n = rows.numel()
@@ -45,7 +61,8 @@ def masked_grad_gather_torch(x, grad_y, rows, cols):
 
 
 def masked_grad_dense_torch(x, grad_y, rows, cols):
-    """Dense twin: blocks of output rows of grad_y^T x, keeping only the masked entries of each block."""
+    """Dense twin: blocks of output rows of grad_y^T x, keeping only the masked entries of each block. Half-precision
+    operands on a GPU go to cuBLAS as they are (fp32 result); otherwise fp32 upcasts of token chunks."""
     n = rows.numel()
     grad = torch.zeros(n, dtype=torch.float32, device=x.device)
     if n == 0 or x.shape[0] == 0:
@@ -58,9 +75,12 @@ def masked_grad_dense_torch(x, grad_y, rows, cols):
         in_block = ((rows >= r0) & (rows < r1)).nonzero().flatten()
         if in_block.numel() == 0:
             continue
-        block = torch.zeros(r1 - r0, in_features, dtype=torch.float32, device=x.device)
-        for t0 in range(0, x.shape[0], tokens):
-            block.addmm_(grad_y[t0:t0 + tokens, r0:r1].t().float(), x[t0:t0 + tokens].float())
+        if _mm_direct(grad_y, x):
+            block = _mm_fp32(grad_y[:, r0:r1].t(), x)
+        else:
+            block = torch.zeros(r1 - r0, in_features, dtype=torch.float32, device=x.device)
+            for t0 in range(0, x.shape[0], tokens):
+                block.addmm_(grad_y[t0:t0 + tokens, r0:r1].t().float(), x[t0:t0 + tokens].float())
         grad[in_block] = block[rows[in_block] - r0, cols[in_block]]
     return grad
 
@@ -174,19 +194,6 @@ def masked_grad_gather_triton(x, grad_y, n, key):
                                                 *x.stride(), *grad_y.stride(), BLOCK_K=GATHER_BLOCK_K,
                                                 BLOCK_T=GATHER_BLOCK_T, num_warps=GATHER_NUM_WARPS)
     return partial if splits == 1 else partial.view(splits, n).sum(0)  # fixed order: deterministic, no atomics
-
-
-# fp16/bf16 operands with an fp32 product straight from cuBLAS (fp32 accumulation, no rounding to the inputs' dtype),
-# where this torch has that overload (aten::mm.dtype, CUDA only)
-_MM_FP32_OUT = "dtype" in torch.ops.aten.mm.overloads()
-
-
-def _mm_fp32(a, b):
-    """a @ b as fp32: half-precision operands on a GPU as they are (cuBLAS, fp32 accumulation and result), any other
-    case upcast first (exact products, fp32 sums)."""
-    if a.is_cuda and _MM_FP32_OUT and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
 
 
 def masked_grad_matmul_triton(x, grad_y, n, key):

@@ -47,7 +47,10 @@ DENSE_DENSITY_NATIVE = 0.4
 # (benchmarks/results/cuda_backend.json, bf16): the CUDA gather costs ~1.75e-11 s per (slot x token) and the dense
 # twin ~out*in*T / 1.9e13 s but never less than ~0.5 ms (launches, fp32 copies). So the dense twin wins above density
 # 3e-3 on big layers (4096x4096 at 4096 tokens: cuda 0.86 ms vs 3.6 at 1e-3, 12.0 vs 3.6 at 1e-2) and never on small
-# ones (SmolLM2's 576x576 / 1536x576 at 512 tokens: the gather is faster up to density 0.1 in bf16).
+# ones (SmolLM2's 576x576 / 1536x576 at 512 tokens: the gather is faster up to density 0.1 in bf16). Since then the
+# dense twin gives bf16/fp16 operands to cuBLAS as they are (fp32 result, no upcast copies): on the H200 that matmul
+# + a gather took 0.39 ms at 4096x4096 x 8192 tokens where the old twin took 6.4, so this crossover is now
+# conservative (too high); not refitted, as the CUDA backend has not been timed since.
 DENSE_DENSITY_CUDA = 3e-3
 CUDA_DENSE_FLOOR_S, CUDA_GATHER_S = 0.5e-3, 1.75e-11
 

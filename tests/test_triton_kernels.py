@@ -213,7 +213,15 @@ def test_matmul_way_keeps_fp32_products_of_half_inputs(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     calls.clear()
     mg._mm_fp32(a, b)
-    assert calls == [(torch.bfloat16, {"out_dtype": torch.float32})] if mg._MM_FP32_OUT else [(torch.float32, {})]
+    direct = (torch.bfloat16, {"out_dtype": torch.float32})
+    assert calls == [direct] if mg._MM_FP32_OUT else [(torch.float32, {})]
+    # the dense twin too: one such product per block of output rows, whatever the token count
+    x, grad_y = _activations((70, 90), 77, torch.bfloat16, True)
+    rows, cols = _positions_torch((70, 90), 2000, KEY)
+    calls.clear()
+    torch.testing.assert_close(mg.masked_grad_dense_torch(x, grad_y, rows, cols),
+                               mg.masked_grad_gather_torch(x, grad_y, rows, cols), rtol=1e-5, atol=1e-4)
+    assert calls == [direct] if mg._MM_FP32_OUT else calls == []
 
 
 @pytest.mark.parametrize("table", ["masked_grad_cuda_bfloat16.json", "masked_grad_cuda_bfloat16_T8192.json"])
