@@ -113,8 +113,8 @@ except ImportError:  # triton is optional: masked_grad_torch is the whole CPU pa
 # at 512; the matmul way by its nearest measured twin, the matmul-gather column):
 #   gather  GATHER_FIXED_S + n*T*GATHER_S: each load takes a 32-byte sector for one 2-byte value, since consecutive
 #           tokens of one column are in-features apart (bound by L2 sectors, not flops)
-#   matmul  MATMUL_FIXED_S + out*in*T*MATMUL_S + n*MATMUL_SLOT_S: cuBLAS at ~80% of the bf16 peak, then one read per
-#           slot from the fp32 blocks
+#   matmul  MATMUL_FIXED_S + out*in*T*MATMUL_S + n*MATMUL_SLOT_S: cuBLAS at ~80% of the bf16 spec peak, then one
+#           read per slot from the fp32 blocks
 # The fixed parts are mostly the host's launch time, which a short call pays whole. The dispatcher takes the cheaper:
 # the gather up to density ~2e-4 at 8192 tokens (~5e-4 at 512), the matmul way above. tests/test_triton_kernels.py
 # checks the model against the stored tables. (Ways measured and dropped, H200 tables of 2026-11-27: a tensor-core
