@@ -12,11 +12,19 @@ frozen floor (every weight frozen, input gradients still computed: the work no m
 fine-tuning do not depend on the targets: each round runs them once and every setting's table shows that run.
 Reports step time and peak memory as ratios to LoRA and to the frozen floor, and the adapter file size.
 Writes benchmarks/results/e2e_<device>_<shape>_<dtype>[_compile-<mode>].{json,md,png}.
+
+    python benchmarks/bench_e2e.py --one-process --methods frozen,randmask,lora,shira --steps 30 --warmup 3
+
+builds the methods in this one process instead and interleaves their steps, one step of each per round in a
+shuffled order, so that a shared machine's drift (on the 2-core CPU a step moves by 10-30% between processes)
+hits them alike: step time only (peak memory needs a process each), the "by round" columns then per step.
+Writes ..._one-process.{json,md,png}.
 """
 import argparse
 import json
 import os
 import pathlib
+import random
 import resource
 import statistics
 import subprocess
@@ -186,6 +194,31 @@ def add_step_arguments(parser) -> None:
                              "Python and launch cost. The AdamW step stays eager. Default none")
 
 
+def run_one_process(args, setting, methods):
+    """{method: row} for `methods` built in this process, their timed steps interleaved round by round."""
+    steps, rows = {}, {}
+    for method in methods:
+        _, step, trainable = prepare(argparse.Namespace(**{**vars(args), "method": method, "setting": setting}))
+        steps[method] = step
+        rows[method] = {"method": method, "trainable": sum(p.numel() for p in trainable), "peak_bytes": None,
+                        "adapter_bytes": None, "steps_s": []}
+    for _ in range(args.warmup):
+        for method in methods:
+            steps[method]()
+    order, shuffle = list(methods), random.Random(0).shuffle
+    for _ in range(args.steps):
+        shuffle(order)
+        for method in order:
+            synchronize(args.device)
+            start = time.perf_counter()
+            steps[method]()
+            synchronize(args.device)
+            rows[method]["steps_s"].append(time.perf_counter() - start)
+    for row in rows.values():
+        row["step_s"], row["rounds_s"] = statistics.median(row["steps_s"]), row["steps_s"]
+    return rows
+
+
 def run_in_process(args, method, setting):
     """One method's measurements from a fresh process (so its peak memory is its own), or None if it failed."""
     cmd = [sys.executable, __file__, "--method", method, "--setting", setting, "--shape", args.shape,
@@ -207,6 +240,9 @@ def main():
                         help="repeat every method this many times, interleaved; keep each method's fastest round")
     parser.add_argument("--settings", default="qv,all-linear", help="comma-separated: " + ", ".join(SETTINGS))
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
+    parser.add_argument("--one-process", action="store_true",
+                        help="build every method in this process and interleave their steps (a round is one step "
+                             "of each, in a shuffled order): steadier step-time ratios, no peak memory")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method in this process
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -214,9 +250,19 @@ def main():
         return run_method(args)
     RESULTS.mkdir(exist_ok=True)
     results = {"machine": machine_name(args.device), "shape": args.shape, "dtype": args.dtype,
-               "batch": args.batch, "seq": args.seq, "rounds": args.rounds, "compile": args.compile}
+               "batch": args.batch, "seq": args.seq, "rounds": args.rounds, "compile": args.compile,
+               "one_process": args.one_process}
     settings = args.settings.split(",")
     results["settings"] = {setting: {} for setting in settings}
+    compiled = "" if args.compile == "none" else f"_compile-{args.compile}"
+    mode = "_one-process" if args.one_process else ""
+    stem = RESULTS / f"e2e_{args.device}_{args.shape}_{args.dtype}{compiled}{mode}"
+    if args.one_process:
+        for setting in settings:
+            results["settings"][setting] = run_one_process(args, setting, args.methods.split(","))
+            save(results, stem)
+        print(markdown(results))
+        return
     # Rounds outermost, so that within a round every method of every setting runs minutes apart: drift on a shared
     # machine then hits a round's methods alike, and the by-round ratios cancel it.
     for round_ in range(args.rounds):
@@ -238,13 +284,14 @@ def main():
                 if method not in rows or row["step_s"] < rows[method]["step_s"]:
                     rows[method] = dict(row)  # the fastest round's median: the least disturbed
                 rows[method]["rounds_s"] = every_round + [row["step_s"]]
-            # written after every setting, so a run cut short (a GPU lease's time limit) keeps what it measured
-            compiled = "" if args.compile == "none" else f"_compile-{args.compile}"
-            stem = RESULTS / f"e2e_{args.device}_{args.shape}_{args.dtype}{compiled}"
-            stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-            stem.with_suffix(".md").write_text(markdown(results))
-            plot(results, stem.with_suffix(".png"))
+            save(results, stem)  # after every setting: a run cut short (a GPU lease's limit) keeps what it measured
     print(markdown(results))
+
+
+def save(results, stem) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    stem.with_suffix(".md").write_text(markdown(results))
+    plot(results, stem.with_suffix(".png"))
 
 
 def by_round(row, ref) -> str:
@@ -257,9 +304,10 @@ def by_round(row, ref) -> str:
 
 
 def markdown(results) -> str:
+    how = ("all methods in one process, one step of each per round in a shuffled order" if results.get("one_process")
+           else f"fastest of {results.get('rounds', 1)} interleaved rounds, each method in its own process")
     lines = [f"Machine: {results['machine']}; shape {results['shape']}, {results['dtype']}, batch "
-             f"{results['batch']} x {results['seq']} tokens; median step (forward + backward + AdamW), "
-             f"fastest of {results.get('rounds', 1)} interleaved rounds, each method in its own process"
+             f"{results['batch']} x {results['seq']} tokens; median step (forward + backward + AdamW), {how}"
              + (f"; torch.compile mode {results['compile']}" if results.get("compile", "none") != "none" else "")
              + ".", ""]
     for setting, rows in results["settings"].items():
@@ -273,12 +321,15 @@ def markdown(results) -> str:
         for method, r in rows.items():
             ratio = lambda key, ref: f"{r[key] / ref[key]:.2f}" if ref else "–"  # noqa: E731
             adapter = f"{r['adapter_bytes'] / 1024:.0f}" if r["adapter_bytes"] else "–"
+            peak = (f"{r['peak_bytes'] / 2**20:.0f} | {ratio('peak_bytes', lora)}" if r["peak_bytes"] is not None
+                    else "– | –")
             lines.append(f"| {method} | {r['trainable']:,} | {r['step_s'] * 1e3:.1f} | {ratio('step_s', frozen)} | "
-                         f"{ratio('step_s', lora)} | {by_round(r, frozen)} | {by_round(r, lora)} | "
-                         f"{r['peak_bytes'] / 2**20:.0f} | {ratio('peak_bytes', lora)} | {adapter} |")
+                         f"{ratio('step_s', lora)} | {by_round(r, frozen)} | {by_round(r, lora)} | {peak} | "
+                         f"{adapter} |")
         lines.append("")
-    lines.append("× by round: the median over rounds of the two methods' ratio within each round (the two ran minutes "
-                 "apart, so a slow spell on a shared machine mostly cancels), with the range over rounds.")
+    lines.append("× by round: the median over rounds of the two methods' ratio within each round (the two ran "
+                 + ("seconds apart in one process" if results.get("one_process") else "minutes apart")
+                 + ", so a slow spell on a shared machine mostly cancels), with the range over rounds.")
     return "\n".join(lines)
 
 
