@@ -45,7 +45,7 @@ try:
     import triton.language as tl
 
     from .mask_addressing import slot_to_flat
-    from .matrix_table import WEIGHT_DTYPES, find_row, mask_fields, pointer_field
+    from .matrix_table import WEIGHT_DTYPES, find_row, int_fields, pointer_field
     from .sparse_update import store_merged
 except ImportError:  # triton is optional: the torch twins are the whole CPU path
     triton = None
@@ -179,7 +179,7 @@ if triton is not None:
         # step_scalars[2j], step_scalars[2j + 1] are matrix j's step-dependent scalars (fp32); the others the group's.
         block = tl.program_id(0).to(tl.int64)
         param, row = find_row(table_ptr, block, matrices, SEARCH_STEPS)
-        n, in_features, numel, a_radix, b_radix, k0, k1, stride_r, stride_c, first_block = mask_fields(row)
+        n, in_features, numel, a_radix, b_radix, k0, k1, stride_r, stride_c, first_block = int_fields(row)
         k = (block - first_block) * BLOCK + tl.arange(0, BLOCK)
         masked_adamw_slots(k, n, pointer_field(row, 0, WEIGHT_DTYPE), pointer_field(row, 1, WEIGHT_DTYPE),
                            pointer_field(row, 2, tl.float32), pointer_field(row, 3, tl.float32),

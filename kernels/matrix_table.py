@@ -66,8 +66,8 @@ if triton is not None:
         return param, table_ptr + param * _TABLE_FIELDS
 
     @triton.jit
-    def mask_fields(row):
-        """n, in_features, numel, a_radix, b_radix, k0, k1, stride_r, stride_c, first block of a row."""
+    def int_fields(row):
+        """A row's integer fields: n, in_features, numel, a_radix, b_radix, k0, k1, stride_r, stride_c, first block."""
         return (tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9), tl.load(row + 10),
                 tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14), tl.load(row + 15))
 

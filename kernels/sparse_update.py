@@ -16,7 +16,7 @@ try:
     import triton.language as tl
 
     from .mask_addressing import slot_to_flat
-    from .matrix_table import WEIGHT_DTYPES, find_row, mask_fields, pointer_field
+    from .matrix_table import WEIGHT_DTYPES, find_row, int_fields, pointer_field
 except ImportError:  # triton is optional: the torch twins are the whole CPU path
     triton = None
 
@@ -70,7 +70,7 @@ if triton is not None:
         #   weight_j[r_k, c_k] = weight dtype(fp32(base_k) + fp32(delta_k)),  (r_k, c_k) = divmod(sigma_j(k), in_j)
         block = tl.program_id(0).to(tl.int64)
         _, row = find_row(table_ptr, block, matrices, SEARCH_STEPS)
-        n, in_features, numel, a_radix, b_radix, k0, k1, stride_r, stride_c, first_block = mask_fields(row)
+        n, in_features, numel, a_radix, b_radix, k0, k1, stride_r, stride_c, first_block = int_fields(row)
         k = (block - first_block) * BLOCK + tl.arange(0, BLOCK)
         live = k < n
         p = slot_to_flat(tl.where(live, k, 0), numel, a_radix, b_radix, k0, k1)
