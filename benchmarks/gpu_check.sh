@@ -14,6 +14,7 @@
 #                 kernel's block sizes at density 1e-5-1e-3                                              <= 235 s
 #   e2e           bench_e2e, Llama-1B shape, bf16, q,v and all-linear: frozen floor, randmask, LoRA, SHiRA,
 #                 naive, full (the floor and full run once for both settings: 10 processes)             <= 300 s
+#                 then frozen, randmask, LoRA in one process, steps interleaved (step time only)         <= 120 s
 #   e2e-8b        bench_e2e, Llama-3-8B shape, bf16, q,v: frozen floor, randmask, LoRA (3 processes)      <= 110 s
 #   e2e-compile   bench_e2e --compile reduce-overhead, 1B, q,v: frozen floor, randmask, LoRA. The eager 1B step is
 #                 host-bound; with the Python and launch cost gone, is randmask at the floor? (H100: 239 s)
@@ -22,7 +23,8 @@
 #                 against Triton and the torch twin, and compares the host cost of Triton and CUDA C++ launches
 # Measured: e2e ~27 s per process, mostly start-up. On an H200 (2026-11-27) the default sections took 375 s in one
 # call (triton 58 s, micro 94 s, e2e 210 s), then e2e-8b and e2e-compile together 237 s on the warm machine: with a
-# machine's start, both calls fit one 15-minute lease with ~3 minutes to spare.
+# machine's start, both calls fit one 15-minute lease with ~3 minutes to spare. Since then e2e has the one-process
+# run (~1 min, unmeasured) and micro the gather sweep's wider grid (~20 s more): ~2 minutes to spare.
 # Tables are packed into OUT_DIR/results_cuda.tgz after every step (a lease returns only a few files, and a run cut
 # short keeps what it had packed); the log is OUT_DIR/gpu_check.txt.
 set -uo pipefail
@@ -118,6 +120,11 @@ if want e2e; then
   echo; echo "== section e2e (1B) $(elapsed)"
   timeout 300 $PY benchmarks/bench_e2e.py --device cuda --shape 1b --dtype bfloat16 --steps 10 --warmup 3 --rounds 1
   echo "e2e 1b exit status $?"; save_results
+  # the same step time with frozen / randmask / LoRA in one process, steps interleaved: one process's floor read
+  # 60 ms and the next one's 36 ms on the H200 (2026-11-27), so per-process eager ratios are +-30%
+  timeout 120 $PY benchmarks/bench_e2e.py --device cuda --shape 1b --dtype bfloat16 --steps 30 --warmup 5 \
+    --one-process --methods frozen,randmask,lora
+  echo "e2e 1b one-process exit status $?"; save_results
 fi
 if want e2e-8b; then
   echo; echo "== section e2e-8b $(elapsed)"
