@@ -116,7 +116,8 @@ except ImportError:  # triton is optional: masked_grad_torch is the whole CPU pa
 #   matmul  MATMUL_FIXED_S + out*in*T*MATMUL_S + n*MATMUL_SLOT_S: cuBLAS at ~80% of the bf16 spec peak, then one
 #           read per slot from the fp32 blocks
 # The fixed parts are mostly the host's launch time, which a short call pays whole. The dispatcher takes the cheaper:
-# the gather up to density ~2e-4 at 8192 tokens (~5e-4 at 512), the matmul way above. tests/test_triton_kernels.py
+# the gather up to density ~1.5e-4 from ~2000 tokens up, the matmul way above; at 512 tokens the matmul way whatever
+# the density (on 4096x4096 both took ~0.07 ms there, bound by the host). tests/test_triton_kernels.py
 # checks the model against the stored tables. (Ways measured and dropped, H200 tables of 2026-11-27: a tensor-core
 # Triton kernel fusing the matmul with the masked epilogue ran at ~22% of the bf16 peak, 3-4x cuBLAS's time; the
 # gather on token-major copies of x and grad_y was slower than cuBLAS's matmul + gather in every row; a token-outer
