@@ -30,16 +30,14 @@ touched). Writes benchmarks/results/masked_grad_<device>_<dtype>[_<threads>t].{m
 """
 import argparse
 import os
-import random
 import statistics
 import sys
-import time
 import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_average, machine_name, markdown_table, synchronize, write_results  # noqa: E402
+from common import load_average, machine_name, markdown_table, time_interleaved, write_results  # noqa: E402
 
 from randmask import layer_key, mask_positions  # noqa: E402
 from randmask.addressing import MatrixMask  # noqa: E402
@@ -108,24 +106,10 @@ def variants(device, x, grad_y, shape, n, key):
 
 
 def interleaved_ms(found, device, repeats, stat):
-    """Per variant, the median (or min) over `repeats` rounds of one call each, the variants interleaved in an order
-    shuffled each round (seeded): a call right after a variant with big temporaries runs slower even after its warm
-    call (measured up to 2x on the CPU), so no variant may keep one predecessor."""
+    """Per variant, the median (or min) over `repeats` interleaved rounds (common.time_interleaved), ms."""
     for fn in found.values():
         fn()  # warm-up (Triton compiles, the dispatch column's positions cache)
-    times = {name: [] for name in found}
-    order, shuffle = list(found), random.Random(0).shuffle
-    for _ in range(repeats):
-        shuffle(order)
-        for name in order:
-            fn = found[name]
-            if not times[name] or times[name][-1] < WARM_BELOW_S:
-                fn()  # untimed: caches warm with this variant's operands, not with the previous variant's temporaries
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
+    times = time_interleaved(found, device, repeats, warm_below_s=WARM_BELOW_S)
     pick = min if stat == "min" else statistics.median
     return {name: 1e3 * pick(t) for name, t in times.items()}
 

@@ -19,18 +19,18 @@ weight[r_k, c_k] = weight dtype(fp32(base_k) + delta_k) for the n masked positio
 The index_put methods' cached positions cost 16 bytes per value of extra memory; the fused Triton kernel needs none.
 
 One weight of --shape (default 4096x14336, Llama-3-8B's down_proj), grad fixed, lr 1e-3, weight decay 0.01.
-Timing: methods are interleaved round by round (so a load spike on a shared machine hits all of them), median of
---repeats rounds (at least 30 when a step is under 5 ms), after --warmup steps; CUDA is synchronized around each step.
+Timing: methods are interleaved round by round in a shuffled order (a load spike on a shared machine hits all of them
+alike), median of --repeats rounds (at least 30 when a step is under 5 ms), after --warmup steps; CUDA is synchronized
+around each step.
 Writes benchmarks/results/update_<device>[_<tag>].{md,json,png} and prints the table.
 """
 import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fmt_ms, load_average, machine_name, markdown_table, synchronize, write_results  # noqa: E402
+from common import fmt_ms, load_average, machine_name, markdown_table, time_interleaved, write_results  # noqa: E402
 
 METHODS = ["MaskedAdamW", "AdamW(fused)+index", "AdamW(foreach)+index", "AdamW(fused)+sync"]
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -84,25 +84,17 @@ def build_steps(weight, n, device):
     return steps, keep
 
 
-def time_interleaved(steps, device, warmup, repeats):
-    """Median seconds per step of each method, methods interleaved (rotating order) round by round."""
-    names = list(steps)
+def step_times(steps, device, warmup, repeats):
+    """Median seconds per step of each method, and every time: the methods interleaved round by round in a shuffled
+    order (common.time_interleaved); when every step takes under FAST_STEP_S, at least FAST_ROUNDS rounds."""
     for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    times = {name: [] for name in names}
-    rounds, r = repeats, 0
-    while r < rounds:
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            synchronize(device)
-            start = time.perf_counter()
-            steps[name]()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-        r += 1
-        if r == 3 and max(statistics.median(t) for t in times.values()) < FAST_STEP_S:
-            rounds = max(rounds, FAST_ROUNDS)
+        for step in steps.values():
+            step()
+    times = time_interleaved(steps, device, min(3, repeats))
+    if max(statistics.median(t) for t in times.values()) < FAST_STEP_S:
+        repeats = max(repeats, FAST_ROUNDS)
+    for name, more in time_interleaved(steps, device, repeats - min(3, repeats), seed=1).items():
+        times[name] += more
     return {name: statistics.median(t) for name, t in times.items()}, times
 
 
@@ -187,7 +179,7 @@ def main():
         weight = torch.randn(shape, device=device, generator=torch.Generator(device=device).manual_seed(0)).to(dtype)
         for n in (int(float(v)) for v in args.ns.split(",")):
             steps, keep = build_steps(weight, n, device)
-            medians, times = time_interleaved(steps, device, args.warmup, args.repeats)
+            medians, times = step_times(steps, device, args.warmup, args.repeats)
             data["rows"].append({"dtype": dtype_name, "n": n, "time_s": medians, "times": times})
             print(f"  {dtype_name:8s} n {n:>10,} " + "  ".join(f"{m} {medians[m] * 1e3:.3f} ms" for m in METHODS),
                   flush=True)

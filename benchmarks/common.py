@@ -1,6 +1,8 @@
-"""Helpers shared by the microbenchmarks (bench_positions.py, bench_update.py): timing, machine name, results.
+"""Helpers shared by the microbenchmarks: timing, machine name, results.
 
     time_call(fn, device, repeats, warmup)  -> (median seconds, all seconds): CUDA is synchronized around each call
+    time_interleaved(fns, device, rounds, warm_below_s) -> {name: [seconds]}: one call of each per round, the order
+                                              shuffled each round (seeded), so no variant keeps one predecessor
     machine_name(device)                    -> "NVIDIA H100 80GB HBM3" or "AMD EPYC (x86_64), 2 cores, 2 torch threads"
     load_average()                          -> the 1-minute load average (recorded so a disturbed run is visible)
     markdown_table(headers, rows)           -> a GitHub markdown table
@@ -19,6 +21,7 @@ import json
 import os
 import pathlib
 import platform
+import random
 import statistics
 import time
 
@@ -44,6 +47,26 @@ def time_call(fn, device="cpu", repeats=5, warmup=1):
         synchronize(device)
         times.append(time.perf_counter() - start)
     return (statistics.median(times) if times else None), times
+
+
+def time_interleaved(fns, device, rounds, warm_below_s=0.0, seed=0) -> dict:
+    """{name: [seconds per round]} for the zero-argument callables `fns`, one call of each per round in an order
+    shuffled each round: a call right after one with big temporaries runs slower (measured up to 2x on the CPU), and
+    a load spike on a shared machine then hits every variant alike. A variant whose last call took under
+    warm_below_s gets an untimed call just before its timed one (caches warm with its own operands)."""
+    times = {name: [] for name in fns}
+    order, shuffle = list(fns), random.Random(seed).shuffle
+    for _ in range(rounds):
+        shuffle(order)
+        for name in order:
+            if not times[name] or times[name][-1] < warm_below_s:
+                fns[name]()
+            synchronize(device)
+            start = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def cpu_model() -> str:
