@@ -124,6 +124,10 @@ except ImportError:  # triton is optional: masked_grad_torch is the whole CPU pa
 # gather serving every slot from a few token rows was within +-15% of the plain gather.)
 GATHER_FIXED_S, GATHER_S = 7e-5, 1.7e-11
 MATMUL_FIXED_S, MATMUL_S, MATMUL_SLOT_S = 4.9e-5, 2.45e-15, 3e-11
+# Operands of another dtype than fp16/bf16 go to cuBLAS as fp32: without tensor cores (torch's default) ~15x the bf16
+# time, with TF32 allowed (torch.backends.cuda.matmul.allow_tf32) ~2x, by the H100/H200 specs' 989 / 495 / 67
+# TFLOP/s; the gather's loads cost about the same per value (a sector each). Not measured here.
+MATMUL_FP32_FACTOR, MATMUL_TF32_FACTOR = 15.0, 2.0
 GATHER_BLOCK_K, GATHER_BLOCK_T, GATHER_NUM_WARPS = 128, 32, 4  # gpu_check.sh sweeps these at low density
 
 if triton is not None:
@@ -212,14 +216,17 @@ def masked_grad_matmul_triton(x, grad_y, n, key):
     return g
 
 
-def masked_grad_way_gpu(n: int, tokens: int, out_features: int, in_features: int) -> str:
-    """'gather' or 'matmul': the cheaper way by the cost model above."""
+def masked_grad_way_gpu(n: int, tokens: int, out_features: int, in_features: int, half: bool = True) -> str:
+    """'gather' or 'matmul': the cheaper way by the cost model above (half: fp16/bf16 operands)."""
+    matmul_s = MATMUL_S if half else MATMUL_S * (MATMUL_TF32_FACTOR if torch.backends.cuda.matmul.allow_tf32
+                                                 else MATMUL_FP32_FACTOR)
     gather = GATHER_FIXED_S + n * tokens * GATHER_S
-    matmul = MATMUL_FIXED_S + out_features * in_features * tokens * MATMUL_S + n * MATMUL_SLOT_S
+    matmul = MATMUL_FIXED_S + out_features * in_features * tokens * matmul_s + n * MATMUL_SLOT_S
     return "gather" if gather <= matmul else "matmul"
 
 
 def masked_grad_triton(x, grad_y, n, key):
     """GPU dispatcher between the gather kernel and the matmul way."""
-    way = masked_grad_way_gpu(n, x.shape[0], grad_y.shape[-1], x.shape[-1])
+    half = x.dtype == grad_y.dtype and x.dtype in (torch.float16, torch.bfloat16)
+    way = masked_grad_way_gpu(n, x.shape[0], grad_y.shape[-1], x.shape[-1], half)
     return (masked_grad_gather_triton if way == "gather" else masked_grad_matmul_triton)(x, grad_y, n, key)

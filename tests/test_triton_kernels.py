@@ -197,9 +197,26 @@ def test_masked_grad_dispatcher_asks_the_cost_model(monkeypatch):
     asked = []
     way = mg.masked_grad_way_gpu
     monkeypatch.setattr(mg, "masked_grad_way_gpu", lambda *a: asked.append(a) or way(*a))
-    x, grad_y = _activations((20, 50), 8, torch.float32, True)
-    mg.masked_grad_triton(x, grad_y, 30, KEY)
-    assert asked == [(30, 8, 20, 50)]  # (n, tokens, out, in)
+    for dtype, half in ((torch.float32, False), (torch.bfloat16, True)):
+        asked.clear()
+        x, grad_y = _activations((20, 50), 8, dtype, True)
+        mg.masked_grad_triton(x, grad_y, 30, KEY)
+        assert asked == [(30, 8, 20, 50, half)]  # (n, tokens, out, in, half-precision operands)
+
+
+def test_gpu_cost_model_slows_the_matmul_for_fp32():
+    # fp32 operands make cuBLAS's matmul ~15x slower (TF32 off, torch's default), ~2x with TF32: the crossover moves
+    # to a higher density; at 1e-3 of a 4096x4096 layer over 8192 tokens the half matmul wins, the fp32 one not
+    n = round(1e-3 * 4096 * 4096)
+    assert mg.masked_grad_way_gpu(n, 8192, 4096, 4096) == "matmul"
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert mg.masked_grad_way_gpu(n, 8192, 4096, 4096, half=False) == "gather"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert mg.masked_grad_way_gpu(n, 8192, 4096, 4096, half=False) == "matmul"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
 
 
 def test_matmul_way_keeps_fp32_products_of_half_inputs(monkeypatch):
