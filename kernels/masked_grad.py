@@ -206,9 +206,9 @@ def masked_grad_matmul_triton(x, grad_y, n, key):
     each of which a Triton gather keeps the masked entries whose row it holds: for all but tiny density."""
     (T, in_features), out_features = _activation_shapes(x, grad_y)
     kernel_mask_args(out_features * in_features, n, key)  # the mask's own checks, before any work
-    g = torch.zeros(n, dtype=torch.float32, device=x.device)  # every slot is written by the block holding its row
     if n == 0 or T == 0:
-        return g
+        return torch.zeros(n, dtype=torch.float32, device=x.device)
+    g = torch.empty(n, dtype=torch.float32, device=x.device)  # each slot is written by the one block holding its row
     block_rows = max(1, TEMP_BYTES // (4 * in_features))
     for row_begin in range(0, out_features, block_rows):
         block = _mm_fp32(grad_y[:, row_begin:row_begin + block_rows].t(), x)  # (rows, in) of grad_y^T x
