@@ -3,6 +3,7 @@
     python benchmarks/bench_masked_grad.py                   # CPU: torch twins vs native, SmolLM2-135M shapes
     python benchmarks/bench_masked_grad.py --device cuda     # GPU: Triton kernels vs the CUDA backend vs torch
     python benchmarks/bench_masked_grad.py --threads 1       # CPU, one thread (steadier on a shared machine)
+    python benchmarks/bench_masked_grad.py --cold --native-lib OTHER.so --densities 2.3e-2   # two builds, cold
 
 Columns (ms per call; "–" where an implementation is not available):
   CPU   torch-gather, torch-dense (the torch twins, kernels/masked_grad.py), native (the C++ gather,
@@ -26,10 +27,16 @@ with 512 tokens (4 x 128).
 Timing: the variants are interleaved round by round, in a shuffled order (a load spike on a shared machine hits all
 of them), then the median (or --stat min) of --repeats rounds; CUDA is synchronized around each call; a call under
 20 ms is repeated untimed just before its timed call (warm caches, as in training where x and grad_y were just
-touched). Writes benchmarks/results/masked_grad_<device>_<dtype>[_<threads>t].{md,json,png} (--no-save: print only).
+touched). --cold instead reads 128 MiB (4x a 32 MiB L3) before every timed call, so x and grad_y
+come from memory, as x does in a training step's backward (the forward wrote it long before).
+--native-lib PATH adds a column "native@NAME" for another build of the native CPU library, timed in the same
+rounds (how a change to kernels/csrc/native_cpu.cpp is measured against the previous build).
+Writes benchmarks/results/masked_grad_<device>_<dtype>[_T<tokens>][_<threads>t][_cold].{md,json,png} (--no-save: print
+only).
 """
 import argparse
 import os
+import pathlib
 import statistics
 import sys
 import warnings
@@ -82,8 +89,9 @@ def official_sampled(x, grad_y, shape, rows, cols):
     return run
 
 
-def variants(device, x, grad_y, shape, n, key):
-    """name -> zero-argument callable, for the implementations available here."""
+def variants(device, x, grad_y, shape, n, key, other_libs=None):
+    """name -> zero-argument callable, for the implementations available here (other_libs: {name: CDLL} of
+    other native CPU builds)."""
     mask = MatrixMask(shape, n, key)
     rows, cols = mask_positions(shape, n, key, device)
     found = {"dispatch": lambda: dispatch_masked_grad(x, grad_y, mask)}  # first in each round: no ordering favour
@@ -97,6 +105,8 @@ def variants(device, x, grad_y, shape, n, key):
         found["torch-gather"] = lambda: op.masked_grad_gather_torch(x, grad_y, rows, cols)
         if native.HAS_NATIVE:
             found["native"] = lambda: native.masked_grad_native(x, grad_y, n, key)
+        for name, library in (other_libs or {}).items():
+            found[name] = lambda library=library: native.masked_grad_native(x, grad_y, n, key, library)
     found["torch-dense"] = lambda: op.masked_grad_dense_torch(x, grad_y, rows, cols)
     found["matmul-gather"] = lambda: (grad_y.t() @ x)[rows, cols].float()
     found["official-gather"] = lambda: official_gather(x, grad_y, rows, cols)
@@ -105,13 +115,18 @@ def variants(device, x, grad_y, shape, n, key):
     return found
 
 
-def interleaved_ms(found, device, repeats, stat):
-    """Per variant, the median (or min) over `repeats` interleaved rounds (common.time_interleaved), ms."""
+def interleaved_ms(found, device, repeats, stat, evict=None):
+    """Per variant, the median (or min) over `repeats` interleaved rounds (common.time_interleaved), ms; with
+    evict, caches are evicted before every timed call instead of warmed. Also {native@NAME: the median over the
+    rounds of native's time / native@NAME's in that round} (a ratio by round: this machine's load moves every call
+    of a round alike, up to 2x between minutes)."""
     for fn in found.values():
         fn()  # warm-up (Triton compiles, the dispatch column's positions cache)
-    times = time_interleaved(found, device, repeats, warm_below_s=WARM_BELOW_S)
+    times = time_interleaved(found, device, repeats, warm_below_s=0.0 if evict else WARM_BELOW_S, before=evict)
     pick = min if stat == "min" else statistics.median
-    return {name: 1e3 * pick(t) for name, t in times.items()}
+    by_round = {name: statistics.median(a / b for a, b in zip(times["native"], t))
+                for name, t in times.items() if name.startswith("native@")}
+    return {name: 1e3 * pick(t) for name, t in times.items()}, by_round
 
 
 def plot(data, path):
@@ -145,16 +160,26 @@ def main():
     parser.add_argument("--stat", default="median", choices=["median", "min"],
                         help="min is steadier on a shared machine")
     parser.add_argument("--threads", type=int, default=0, help="torch (and native) CPU threads; 0: torch's default")
+    parser.add_argument("--cold", action="store_true",
+                        help="evict the caches before every timed call (inputs from memory, as in a training step)")
+    parser.add_argument("--native-lib", action="append", default=[], metavar="PATH",
+                        help="another build of the native CPU library, timed as column native@NAME (repeatable)")
     parser.add_argument("--no-save", action="store_true", help="print only, write nothing under results/")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     key = layer_key(0, "bench")
+    other_libs = {f"native@{pathlib.Path(path).stem}": native.load_library(path) for path in args.native_lib}
+    evict = None
+    if args.cold:  # reading 128 MiB (4x a 32 MiB L3) leaves none of the operands in any cache level
+        flush = torch.ones(4 * 32 * 2**20 // 4, device=device)
+        evict = flush.sum
     isa = f", native ISA {native.cpu_info()['isa']}" if device.type == "cpu" and native.HAS_NATIVE else ""
     load_before = load_average()
     title = (f"masked gradient, {machine_name(device)}{isa}; tokens={args.tokens}, {args.dtype}, "
-             f"{args.stat} of {args.repeats} interleaved rounds; dispatch = {kernel_backend(device)} backend")
+             f"{args.stat} of {args.repeats} interleaved rounds{', cold caches' if args.cold else ''}; "
+             f"dispatch = {kernel_backend(device)} backend")
     print(title)
     data = {"title": title, "args": vars(args), "variants": [], "shapes": {}, "crossovers": {}}
     markdown = [f"# Masked gradient, ms per call\n\n{title}\n"]
@@ -166,8 +191,8 @@ def main():
         rows, crossovers = [], {}
         for density in map(float, args.densities.split(",")):
             n = round(density * shape[0] * shape[1])
-            found = variants(device, x, grad_y, shape, n, key)
-            ms = interleaved_ms(found, device, args.repeats, args.stat)
+            found = variants(device, x, grad_y, shape, n, key, other_libs)
+            ms, native_over_other = interleaved_ms(found, device, args.repeats, args.stat, evict)
             for name in found:
                 if name not in data["variants"]:
                     data["variants"].append(name)
@@ -179,14 +204,17 @@ def main():
             ratio = ms["dispatch"] / min(ours)  # the dispatcher against the best of our variants
             speedup = ms["matmul-gather"] / ms["dispatch"]
             rows.append({"density": density, "n": n, "ms": ms, "dispatch_over_best": ratio,
-                         "matmul_over_dispatch": speedup})
+                         "matmul_over_dispatch": speedup, "native_over_other_by_round": native_over_other})
             print(f"{shape_text:>9} {density:8.1e} {n:8d}  " + "  ".join(f"{k}={v:.3f}" for k, v in ms.items())
-                  + f"  dispatch/best={ratio:.2f}  matmul/dispatch={speedup:.1f}", flush=True)
+                  + f"  dispatch/best={ratio:.2f}  matmul/dispatch={speedup:.1f}"
+                  + "".join(f"  native/{k} by round={v:.3f}" for k, v in native_over_other.items()), flush=True)
         names = [v for v in data["variants"] if any(v in row["ms"] for row in rows)]
+        others = list(other_libs)
         markdown += [f"\n## {shape_text}\n", markdown_table(
-            ["density", "n", *names, "dispatch / best", "matmul / dispatch"],
+            ["density", "n", *names, "dispatch / best", "matmul / dispatch", *(f"native / {k} by round" for k in others)],
             [[f"{row['density']:.1e}", row["n"], *(f"{row['ms'][v]:.3f}" if v in row["ms"] else "–" for v in names),
-              f"{row['dispatch_over_best']:.2f}", f"{row['matmul_over_dispatch']:.1f}"] for row in rows])]
+              f"{row['dispatch_over_best']:.2f}", f"{row['matmul_over_dispatch']:.1f}",
+              *(f"{row['native_over_other_by_round'][k]:.2f}" for k in others)] for row in rows])]
         notes = []
         for gather in (g for g in GATHERS if g in names):
             if gather in crossovers:
@@ -214,7 +242,7 @@ def main():
     if not args.no_save:
         threads = f"_{args.threads}t" if args.threads else ""
         tokens = f"_T{args.tokens}" if args.tokens != 512 else ""
-        stem = f"masked_grad_{device.type}_{args.dtype}{tokens}{threads}"
+        stem = f"masked_grad_{device.type}_{args.dtype}{tokens}{threads}{'_cold' if args.cold else ''}"
         path = write_results(stem, data, "\n".join(markdown), plot)
         print(f"wrote {path}.md / .json / .png")
 

@@ -1,8 +1,9 @@
 """Helpers shared by the microbenchmarks: timing, machine name, results.
 
     time_call(fn, device, repeats, warmup)  -> (median seconds, all seconds): CUDA is synchronized around each call
-    time_interleaved(fns, device, rounds, warm_below_s) -> {name: [seconds]}: one call of each per round, the order
-                                              shuffled each round (seeded), so no variant keeps one predecessor
+    time_interleaved(fns, device, rounds, warm_below_s, before=None) -> {name: [seconds]}: one call of each per round,
+                                              the order shuffled each round (seeded), so no variant keeps one
+                                              predecessor; before() runs untimed before each timed call
     machine_name(device)                    -> "NVIDIA H100 80GB HBM3" or "AMD EPYC (x86_64), 2 cores, 2 torch threads"
     load_average()                          -> the 1-minute load average (recorded so a disturbed run is visible)
     markdown_table(headers, rows)           -> a GitHub markdown table
@@ -49,11 +50,12 @@ def time_call(fn, device="cpu", repeats=5, warmup=1):
     return (statistics.median(times) if times else None), times
 
 
-def time_interleaved(fns, device, rounds, warm_below_s=0.0, seed=0) -> dict:
+def time_interleaved(fns, device, rounds, warm_below_s=0.0, seed=0, before=None) -> dict:
     """{name: [seconds per round]} for the zero-argument callables `fns`, one call of each per round in an order
     shuffled each round: a call right after one with big temporaries runs slower (measured up to 2x on the CPU), and
     a load spike on a shared machine then hits every variant alike. A variant whose last call took under
-    warm_below_s gets an untimed call just before its timed one (caches warm with its own operands)."""
+    warm_below_s gets an untimed call just before its timed one (caches warm with its own operands); `before`, if
+    given, is called (untimed) after that, just before every timed call."""
     times = {name: [] for name in fns}
     order, shuffle = list(fns), random.Random(seed).shuffle
     for _ in range(rounds):
@@ -61,6 +63,8 @@ def time_interleaved(fns, device, rounds, warm_below_s=0.0, seed=0) -> dict:
         for name in order:
             if not times[name] or times[name][-1] < warm_below_s:
                 fns[name]()
+            if before is not None:
+                before()
             synchronize(device)
             start = time.perf_counter()
             fns[name]()

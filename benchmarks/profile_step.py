@@ -2,10 +2,13 @@
 
     python benchmarks/profile_step.py --method randmask --setting qv                       # CPU, 135M shape
     python benchmarks/profile_step.py --device cuda --shape 1b --dtype bfloat16 --method randmask --setting qv
+    python benchmarks/profile_step.py --method randmask --setting all-linear --masked-grad-calls
 
 Builds the same model, batch and optimizer as bench_e2e.py (benchmarks/bench_e2e.py's prepare), runs --warmup
 steps, then profiles --steps steps and prints the ops by self time (device time on a GPU, CPU time otherwise) and the
-step's wall time. Prints only; nothing is written.
+step's wall time. --masked-grad-calls (randmask) instead times each masked-gradient call inside the unprofiled steps,
+per matrix shape: a kernel called inside a training step can run slower than the same call in a microbenchmark
+(cold inputs, the machine's load). Prints only; nothing is written.
 """
 import argparse
 import os
@@ -25,11 +28,18 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=20, help="ops to list")
+    parser.add_argument("--masked-grad-calls", action="store_true",
+                        help="time the masked-gradient calls inside the steps (per shape) instead of profiling")
     args = parser.parse_args()
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    if args.masked_grad_calls and args.method != "randmask":
+        parser.error("--masked-grad-calls times randmask's masked gradient: use it with --method randmask")
     model, step, trainable = prepare(args)
+    if args.masked_grad_calls:
+        time_masked_grad_calls(args, step)
+        return
     for _ in range(args.warmup):
         step()
     synchronize(args.device)
@@ -51,6 +61,43 @@ def main():
     if args.device.startswith("cuda"):  # launch-bound steps: the host side shows where the Python time goes
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
                                         max_name_column_width=60))
+
+
+def time_masked_grad_calls(args, step):
+    """Wall time of every masked-gradient call in --steps steps (after --warmup), summed per (out, in) shape."""
+    import randmask.functional as functional
+
+    eager = functional._masked_grad_eager  # what MaskedLinearFunction.backward calls in eager mode
+    seconds, calls = {}, {}
+
+    def timed(x, grad_y, n, signed_key):
+        start = time.perf_counter()
+        g = eager(x, grad_y, n, signed_key)
+        synchronize(args.device)
+        shape = (grad_y.shape[1], x.shape[1])
+        seconds[shape] = seconds.get(shape, 0.0) + time.perf_counter() - start
+        calls[shape] = calls.get(shape, 0) + 1
+        return g
+
+    functional._masked_grad_eager = timed
+    try:
+        for _ in range(args.warmup):
+            step()
+        seconds.clear()
+        calls.clear()
+        synchronize(args.device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        synchronize(args.device)
+        wall = (time.perf_counter() - start) / args.steps
+    finally:
+        functional._masked_grad_eager = eager
+    print(f"{machine_name(args.device)}; {args.shape} {args.dtype}, randmask {args.setting}: {wall * 1e3:.1f} ms per "
+          f"step, of which masked-gradient calls {sum(seconds.values()) / args.steps * 1e3:.1f} ms")
+    print("| shape (out x in) | calls per step | ms per call |\n|---|---|---|")
+    for shape in sorted(seconds):
+        print(f"| {shape[0]}x{shape[1]} | {calls[shape] // args.steps} | {seconds[shape] / calls[shape] * 1e3:.3f} |")
 
 
 if __name__ == "__main__":

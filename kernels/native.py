@@ -217,12 +217,13 @@ def _threads() -> int:
     return torch.get_num_threads()  # the caller's intra-op setting: 1 inside a DataLoader worker, etc.
 
 
-def masked_grad_native(x: torch.Tensor, grad_y: torch.Tensor, n: int, key: int) -> torch.Tensor:
-    """g[k] = sum_t grad_y[t, r_k] x[t, c_k] (fp32, length n) for CPU x (T, in), grad_y (T, out), any strides."""
+def masked_grad_native(x: torch.Tensor, grad_y: torch.Tensor, n: int, key: int, library=None) -> torch.Tensor:
+    """g[k] = sum_t grad_y[t, r_k] x[t, c_k] (fp32, length n) for CPU x (T, in), grad_y (T, out), any strides.
+    library: another build of the CPU library (load_library), for benchmarks comparing two builds in one process."""
     _check_grad_args(x, grad_y, n, key, "cpu")
     (tokens, in_features), out_features = x.shape, grad_y.shape[1]
     g = torch.empty(n, dtype=torch.float32)
-    _check(cpu_library().randmask_cpu_masked_grad(
+    _check((library or cpu_library()).randmask_cpu_masked_grad(
         x.data_ptr(), _code(x), *x.stride(), grad_y.data_ptr(), _code(grad_y), *grad_y.stride(), tokens,
         in_features, out_features, n, key, g.data_ptr(), _threads()), "masked_grad")
     return g

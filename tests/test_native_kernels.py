@@ -107,6 +107,7 @@ CASES = [  # (out, in, n, tokens)
     (576, 192, 4000, 130),  # slots grouped by row
     (300, 200, 10, 50),    # a handful of slots: the path without transposes
     (7, 1000, 20, 40),
+    (30, 1500, 4000, 37),  # wider than one transpose tile (1024 features)
 ]
 
 

@@ -12,9 +12,9 @@
 //      average (n >= 2 * out) a counting sort by row (per-thread histograms, one serial prefix sum) groups them,
 //      so consecutive dot products share the row of grad_y^T (scratch: 8-20 bytes per slot);
 //   2. per chunk of TC tokens (TC: both transposed copies in ~768 KiB, see kChunkBytes; 16 <= TC <= 1024), threads
-//      split the features in blocks of 64 and transpose x and grad_y into fp32 (in, TC) and (out, TC) buffers,
-//      every feature one contiguous, 64-byte aligned, zero-padded token vector (8x8 AVX2 register transposes when
-//      the features are contiguous); barrier;
+//      split the chunk in tiles of 16 tokens x 1024 features and transpose x and grad_y into fp32 (in, TC) and
+//      (out, TC) buffers, every feature one contiguous, 64-byte aligned, zero-padded token vector (8x8 AVX2 register
+//      transposes when the features are contiguous); barrier;
 //   3. threads take blocks of 256 slots of the (sorted) list dynamically; a slot is a dot product of two
 //      contiguous vectors, four slots of one row at a time (one load of the grad_y row feeds four FMA chains, and
 //      their four sums are reduced together), added into g[k]; barrier, next chunk. The blocks are fixed, so
@@ -109,22 +109,23 @@ inline void store_rounded(void* base, int64_t i, float v) {
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // The transposes: dst[f * ld + t] = float(src[(t0 + t) * st + f * sc]) for f < features, t < tc, and zero for
-// tc <= t < ld. Called inside a parallel region: threads split the features in blocks of 64; within a block, tiles
-// of 16 tokens (portable: scalar, reads of a row-major source are contiguous runs and every written line of dst is
-// filled whole) or of 8 x 8 (AVX2: 8 loads, 24 in-register shuffles, 8 aligned stores; fp16/bf16 widened on load),
-// the latter when the features are contiguous (sc == 1) and the CPU has AVX2 + F16C.
-constexpr int64_t kFeatureBlock = 64;
+// tc <= t < ld. Called inside a parallel region: threads split the chunk in tiles of kTokenTile tokens x
+// kFeatureSpan features, token tile by token tile (a thread's static share is a run of whole token rows). In a
+// training step x is cold (the forward wrote it long before), and the transposes of cold inputs were half of a
+// call's time on the 135M shapes; a tile reads 16 rows in runs of 4 KiB that the hardware prefetcher follows, where
+// blocks of 64 features read 256-byte runs: 5-16% faster per call with cold caches on one thread, the same with
+// warm ones (bench_masked_grad.py --cold --native-lib, 2-core AMD EPYC; BENCHMARKS.md). Within a tile, scalar
+// (portable: reads of a row-major source are contiguous runs and every written line of dst is filled whole) or 8 x 8
+// register transposes (AVX2: 8 loads, 24 in-register shuffles, 8 aligned stores; fp16/bf16 widened on load), the
+// latter when the features are contiguous (sc == 1) and the CPU has AVX2 + F16C.
+constexpr int64_t kTokenTile = 16, kFeatureSpan = 1024;
 
 template <int D>
-void transpose_fblock_portable(const void* src, int64_t st, int64_t sc, int64_t t0, int64_t tc, int64_t fb,
-                               int64_t fe, float* dst, int64_t ld) {
-    constexpr int64_t TB = 16;
-    for (int64_t tb = 0; tb < tc; tb += TB) {
-        const int64_t te = std::min(tb + TB, tc);
-        for (int64_t t = tb; t < te; ++t) {
-            const int64_t row = (t0 + t) * st;
-            for (int64_t f = fb; f < fe; ++f) dst[f * ld + t] = load_f32<D>(src, row + f * sc);
-        }
+void transpose_tile_portable(const void* src, int64_t st, int64_t sc, int64_t t0, int64_t tc, int64_t fb,
+                             int64_t fe, float* dst, int64_t ld) {
+    for (int64_t t = 0; t < tc; ++t) {
+        const int64_t row = (t0 + t) * st;
+        for (int64_t f = fb; f < fe; ++f) dst[f * ld + t] = load_f32<D>(src, row + f * sc);
     }
 }
 
@@ -140,8 +141,8 @@ inline __m256 load8_f32(const void* base, int64_t i) {
 
 template <int D>
 RANDMASK_TARGET("avx2,fma,f16c")
-void transpose_fblock_avx2(const void* src, int64_t st, int64_t t0, int64_t tc, int64_t fb, int64_t fe, float* dst,
-                           int64_t ld) {
+void transpose_tile_avx2(const void* src, int64_t st, int64_t t0, int64_t tc, int64_t fb, int64_t fe, float* dst,
+                         int64_t ld) {
     const int64_t t8 = tc / 8 * 8, f8 = fb + (fe - fb) / 8 * 8;
     for (int64_t tb = 0; tb < t8; tb += 8) {
         const int64_t row = (t0 + tb) * st;
@@ -169,8 +170,8 @@ void transpose_fblock_avx2(const void* src, int64_t st, int64_t t0, int64_t tc, 
             _mm256_store_ps(d + 7 * ld, _mm256_permute2f128_ps(v3, v7, 0x31));
         }
     }
-    if (f8 < fe) transpose_fblock_portable<D>(src, st, 1, t0, t8, f8, fe, dst, ld);  // feature tail
-    if (t8 < tc)                                                                       // token tail
+    if (f8 < fe) transpose_tile_portable<D>(src, st, 1, t0, t8, f8, fe, dst, ld);  // feature tail
+    if (t8 < tc)                                                                     // token tail
         for (int64_t t = t8; t < tc; ++t)
             for (int64_t f = fb; f < fe; ++f) dst[f * ld + t] = load_f32<D>(src, (t0 + t) * st + f);
 }
@@ -179,18 +180,22 @@ void transpose_fblock_avx2(const void* src, int64_t st, int64_t t0, int64_t tc, 
 template <int D>
 void transpose_chunk(const void* src, int64_t st, int64_t sc, int64_t t0, int64_t tc, int64_t features, float* dst,
                      int64_t ld, bool fast) {
+    const int64_t spans = (features + kFeatureSpan - 1) / kFeatureSpan, tiles = (tc + kTokenTile - 1) / kTokenTile;
 #pragma omp for schedule(static) nowait
-    for (int64_t fb = 0; fb < features; fb += kFeatureBlock) {
-        const int64_t fe = std::min(fb + kFeatureBlock, features);
+    for (int64_t u = 0; u < tiles * spans; ++u) {
+        // tokens [tb, te) of the chunk, features [fb, fe); dst + tb is 64-byte aligned (tb a multiple of 16)
+        const int64_t tb = u / spans * kTokenTile, te = std::min(tb + kTokenTile, tc);
+        const int64_t fb = u % spans * kFeatureSpan, fe = std::min(fb + kFeatureSpan, features);
 #if RANDMASK_X86
-        if (fast && sc == 1) transpose_fblock_avx2<D>(src, st, t0, tc, fb, fe, dst, ld);
-        else transpose_fblock_portable<D>(src, st, sc, t0, tc, fb, fe, dst, ld);
+        if (fast && sc == 1) transpose_tile_avx2<D>(src, st, t0 + tb, te - tb, fb, fe, dst + tb, ld);
+        else transpose_tile_portable<D>(src, st, sc, t0 + tb, te - tb, fb, fe, dst + tb, ld);
 #else
         (void)fast;
-        transpose_fblock_portable<D>(src, st, sc, t0, tc, fb, fe, dst, ld);
+        transpose_tile_portable<D>(src, st, sc, t0 + tb, te - tb, fb, fe, dst + tb, ld);
 #endif
-        for (int64_t f = fb; f < fe; ++f)
-            for (int64_t t = tc; t < ld; ++t) dst[f * ld + t] = 0.f;
+        if (te == tc)  // the last tile's padding
+            for (int64_t f = fb; f < fe; ++f)
+                for (int64_t t = tc; t < ld; ++t) dst[f * ld + t] = 0.f;
     }
 }
 

@@ -213,6 +213,7 @@ int main() {
         {101, 67, 1500, 300}, // more than one token chunk
         {576, 192, 4000, 130}, // sorted-by-row path (n >= 2 * out), tail chunk
         {7, 1000, 20, 40},    // few slots, wide
+        {30, 1500, 4000, 37}, // wider than one transpose tile (1024 features)
     };
     const int dtypes[] = {RANDMASK_F32, RANDMASK_F16, RANDMASK_BF16};
     for (const Case& c : cases) {
