@@ -19,7 +19,8 @@
 #   e2e-compile   bench_e2e --compile reduce-overhead, 1B, q,v: frozen floor, randmask, LoRA. The eager 1B step is
 #                 host-bound; with the Python and launch cost gone, is randmask at the floor? (H100: 239 s)
 #                                                                                                        <= 400 s
-#   cuda-backend  (issue 6) builds kernels/csrc/native_cuda.cu with CMake, checks it against the twins, times it
+#   cuda-backend  (issue 6) builds kernels/csrc/native_cuda.cu with CMake, checks it and the dense torch twin (its
+#                 dense side; also captured in a CUDA graph: no host sync) against the gather twin, times it
 #                 against Triton and the torch twin, and compares the host cost of Triton and CUDA C++ launches
 # Measured: e2e ~27 s per process, mostly start-up. On an H200 (2026-11-27) the default sections took 375 s in one
 # call (triton 58 s, micro 94 s, e2e 210 s), then e2e-8b and e2e-compile together 237 s on the warm machine: with a
@@ -170,7 +171,7 @@ export CUDA_BACKEND_JSON="benchmarks/results/cuda_backend.json"
 
 echo
 echo "== section cuda-backend: correctness"
-timeout 50 $PY - << 'PYEOF'
+timeout 60 $PY - << 'PYEOF'
 import math, os, torch
 from randmask import MaskedLinear, mask_positions
 from randmask.kernels import native, masked_grad as mg, sparse_update as su, masked_adamw as ma
@@ -213,6 +214,11 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
                                                                        atol=1e-5 * want.abs().max().item()))
             err = (got - want).abs().max().item() if n else 0.0
             check(ok, f"masked_grad {dtype} {out}x{inf} n={n} T={T}{' strided' if strided else ''} max err {err:.3g}")
+            if not strided and n:  # the dense twin (the CUDA backend's dense side), whose block picks are sync-free
+                dense = mg.masked_grad_dense_torch(x, gy, rows, cols)
+                check(torch.allclose(dense, want, rtol=1e-4, atol=1e-4 * want.abs().max().item()),
+                      f"masked_grad_dense_torch {dtype} {out}x{inf} n={n} T={T} max err "
+                      f"{(dense - want).abs().max().item():.3g}")
     for (out, inf), n in (((1, 97), 50), ((89, 1), 89), ((53, 47), 2491), ((4096, 4096), 200000)):
         for transposed in (False, True):
             w = torch.randn((inf, out) if transposed else (out, inf), device=dev).to(dtype)
@@ -253,6 +259,28 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
               and torch.allclose(v, tv, rtol=1e-6, atol=0),
               f"masked_adamw {name} vs torch {dtype}: delta rel err {dd:.2e}, m bitwise {torch.equal(m, tm)}, "
               f"v bitwise {torch.equal(v, tv)}, weights differ at {(w != tw).sum().item()} of {n}")
+
+# The dense twin inside a CUDA graph (torch.compile's reduce-overhead with the CUDA or torch backend): it must not
+# synchronize with the host. Two row blocks (4096 x 4096), bf16 operands.
+x = torch.randn(1024, 4096, device=dev).to(torch.bfloat16)
+gy = torch.randn(1024, 4096, device=dev).to(torch.bfloat16)
+rows, cols = positions((4096, 4096), 167772)
+want = mg.masked_grad_gather_torch(x, gy, rows, cols)
+side = torch.cuda.Stream()
+side.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(side):
+    mg.masked_grad_dense_torch(x, gy, rows, cols)  # warm-up outside the capture
+torch.cuda.current_stream().wait_stream(side)
+graph = torch.cuda.CUDAGraph()
+try:
+    with torch.cuda.graph(graph):
+        captured = mg.masked_grad_dense_torch(x, gy, rows, cols)
+    graph.replay()
+    torch.cuda.synchronize()
+    check(torch.allclose(captured, want, rtol=1e-4, atol=1e-4 * want.abs().max().item()),
+          "masked_grad_dense_torch captured in a CUDA graph and replayed")
+except RuntimeError as exc:
+    check(False, f"masked_grad_dense_torch in a CUDA graph: {str(exc).splitlines()[0]}")
 
 # MaskedLinear end to end: RANDMASK_BACKEND=cuda vs torch
 for dtype in (torch.float32, torch.bfloat16):

@@ -232,12 +232,13 @@ def test_bad_input_is_a_clear_error():
         layer(torch.randn(3, 20, device="meta"))
 
 
-@pytest.mark.parametrize("variant", ["gather", "dense"])
+@pytest.mark.parametrize("variant", ["gather", "dense", "dense-sync-free"])
 @pytest.mark.parametrize("temp_bytes", [64 << 20, 4096], ids=["one-chunk", "many-chunks"])
 @pytest.mark.parametrize("density", [0.001, 0.05, 1.0])
 def test_cpu_twins_match_the_dense_gradient(monkeypatch, variant, temp_bytes, density):
     """Both torch twins (whatever the dispatcher would pick) equal grad_y^T x gathered at the positions, also when a
-    tiny temporary budget forces many token, slot and row chunks."""
+    tiny temporary budget forces many token, slot and row chunks; the dense twin also in the way it picks each
+    block's slots on a GPU (no nonzero())."""
     from randmask.kernels import masked_grad as op
 
     monkeypatch.setattr(op, "TEMP_BYTES", temp_bytes)
@@ -247,4 +248,7 @@ def test_cpu_twins_match_the_dense_gradient(monkeypatch, variant, temp_bytes, de
     rows, cols = mask_positions(shape, round(density * 70 * 90), 11)
     twin = op.masked_grad_gather_torch if variant == "gather" else op.masked_grad_dense_torch
     expected = (grad_y.double().t() @ x.double())[rows, cols].float()
+    if variant == "dense-sync-free":
+        monkeypatch.setattr(op, "SYNC_FREE_DEVICES", ("cpu",))
+        monkeypatch.setattr(torch.Tensor, "nonzero", lambda *a, **k: pytest.fail("nonzero() is a host sync on a GPU"))
     torch.testing.assert_close(twin(x, grad_y, rows, cols), expected, rtol=1e-5, atol=1e-5)
