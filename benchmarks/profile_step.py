@@ -40,14 +40,7 @@ def main():
     if args.masked_grad_calls:
         time_masked_grad_calls(args, step)
         return
-    for _ in range(args.warmup):
-        step()
-    synchronize(args.device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    synchronize(args.device)
-    wall = (time.perf_counter() - start) / args.steps
+    wall = timed_steps(args, step)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
         for _ in range(args.steps):
@@ -61,6 +54,20 @@ def main():
     if args.device.startswith("cuda"):  # launch-bound steps: the host side shows where the Python time goes
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
                                         max_name_column_width=60))
+
+
+def timed_steps(args, step, after_warmup=None) -> float:
+    """Seconds per step over --steps steps, after --warmup untimed ones (and after_warmup(), if given)."""
+    for _ in range(args.warmup):
+        step()
+    if after_warmup is not None:
+        after_warmup()
+    synchronize(args.device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize(args.device)
+    return (time.perf_counter() - start) / args.steps
 
 
 def time_masked_grad_calls(args, step):
@@ -79,18 +86,13 @@ def time_masked_grad_calls(args, step):
         calls[shape] = calls.get(shape, 0) + 1
         return g
 
-    functional._masked_grad_eager = timed
-    try:
-        for _ in range(args.warmup):
-            step()
+    def reset():
         seconds.clear()
         calls.clear()
-        synchronize(args.device)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        synchronize(args.device)
-        wall = (time.perf_counter() - start) / args.steps
+
+    functional._masked_grad_eager = timed
+    try:
+        wall = timed_steps(args, step, after_warmup=reset)
     finally:
         functional._masked_grad_eager = eager
     print(f"{machine_name(args.device)}; {args.shape} {args.dtype}, randmask {args.setting}: {wall * 1e3:.1f} ms per "
