@@ -166,6 +166,9 @@ def main():
                         help="another build of the native CPU library, timed as column native@NAME (repeatable)")
     parser.add_argument("--no-save", action="store_true", help="print only, write nothing under results/")
     args = parser.parse_args()
+    if args.native_lib and (args.device != "cpu" or not native.HAS_NATIVE):
+        parser.error("--native-lib compares builds of the native CPU library: it needs --device cpu and the "
+                     f"installed library ({native.NATIVE_REASON or 'not built'})")
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -211,7 +214,8 @@ def main():
         names = [v for v in data["variants"] if any(v in row["ms"] for row in rows)]
         others = list(other_libs)
         markdown += [f"\n## {shape_text}\n", markdown_table(
-            ["density", "n", *names, "dispatch / best", "matmul / dispatch", *(f"native / {k} by round" for k in others)],
+            ["density", "n", *names, "dispatch / best", "matmul / dispatch",
+             *(f"native / {k} by round" for k in others)],
             [[f"{row['density']:.1e}", row["n"], *(f"{row['ms'][v]:.3f}" if v in row["ms"] else "–" for v in names),
               f"{row['dispatch_over_best']:.2f}", f"{row['matmul_over_dispatch']:.1f}",
               *(f"{row['native_over_other_by_round'][k]:.2f}" for k in others)] for row in rows])]

@@ -86,7 +86,7 @@ def masked_grad_dense_torch(x, grad_y, rows, cols):
         in_block = (rows >= r0) & (rows < r1)
         if x.device.type in SYNC_FREE_DEVICES:  # every slot, the others masked out: O(n) work a block, no sync
             grad = torch.where(in_block, block[torch.where(in_block, rows - r0, 0), cols], grad)
-        else:  # this block's slots only: on a CPU, reading all n slots in every block took 1.3-1.6x longer (4096^2, d 0.5)
+        else:  # this block's slots only: on a CPU, reading all n in every block took 1.3-1.6x longer (4096^2, d 0.5)
             picked = in_block.nonzero().flatten()
             grad[picked] = block[rows[picked] - r0, cols[picked]]
     return grad
