@@ -151,8 +151,9 @@ def test_masked_grad_mixed_dtypes_and_dense_twin(use_lib):
     torch.testing.assert_close(g, mg.masked_grad_dense_torch(x, grad_y, rows, cols), rtol=1e-5, atol=1e-4)
 
 
-def test_masked_grad_is_the_same_for_any_thread_count(use_lib):
-    x, grad_y = _inputs(576, 192, 300, torch.float32, "contiguous")
+@pytest.mark.parametrize("out,in_features", [(576, 192), (40, 1500)])  # (40, 1500): two transpose tiles wide
+def test_masked_grad_is_the_same_for_any_thread_count(use_lib, out, in_features):
+    x, grad_y = _inputs(out, in_features, 300, torch.float32, "contiguous")
     threads = torch.get_num_threads()
     try:
         results = []
