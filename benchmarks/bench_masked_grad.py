@@ -1,61 +1,53 @@
 """Masked-gradient microbenchmark: every implementation side by side, per shape and density.
 
     python benchmarks/bench_masked_grad.py                   # CPU: torch twins vs native, SmolLM2-135M shapes
-    python benchmarks/bench_masked_grad.py --device cuda     # GPU: Triton kernels vs the CUDA backend vs torch
+    python benchmarks/bench_masked_grad.py --device cuda --dtype bfloat16   # GPU: the Triton ways vs the baselines
     python benchmarks/bench_masked_grad.py --threads 1       # CPU, one thread (steadier on a shared machine)
     python benchmarks/bench_masked_grad.py --cold --native-lib OTHER.so --densities 2.3e-2   # two builds, cold
 
-Columns (ms per call; "–" where an implementation is not available):
-  CPU   torch-gather, torch-dense (the torch twins, kernels/masked_grad.py), native (the C++ gather,
-        kernels/native.py), dispatch (randmask.functional.masked_grad as training calls it: the default backend)
-  CUDA  triton-gather (the gather kernel), triton-matmul (the matmul way: cuBLAS blocks of grad_y^T x with an fp32
-        result, the masked entries kept by a Triton gather), cuda (the CUDA C++ gather), dispatch
-  both  torch-dense is the dense twin (fp32 upcasts, in blocks: the CPU path and test oracle); matmul-gather is the
-        dense baseline: grad_y^T x as one matmul in the layer's dtype (cuBLAS / BLAS), then the gather, which is what
-        autograd does for SHiRA and SpIEL; the "matmul / dispatch" column is our speed-up over it. The official
-        Random Masking code's way: transposed fp32 copies of x and grad_y made in every backward, then either a
-        per-entry gather (official-gather) or torch.sparse.sampled_addmm over the stored CSR mask (official-sampled;
-        the CSR indices are built once outside the timing, as the official code stores them, and the result is put
-        back in slot order inside it).
-Per shape it reports where the dense variant (triton-matmul on a GPU, torch-dense on the CPU) first beats each
-gather: the crossovers DENSE_DENSITY_CPU (kernels/masked_grad.py) and DENSE_DENSITY_NATIVE / DENSE_DENSITY_CUDA
-(kernels/native.py) should sit near them; on a GPU the tables are what the dispatcher's cost model
-(masked_grad_way_gpu, kernels/masked_grad.py) is fitted to.
+g[k] = sum_t grad_y[t, r_k] x[t, c_k] (fp32) for x (T, in) and grad_y (T, out) in --dtype. Variants:
+  every implementation randmask.ops has for the device (ops.implementations("masked_grad", device), called through
+        ops.run): torch-gather and torch-dense (the torch twins), native (the C++ gather) on a CPU; triton-gather
+        (one dot over tokens per slot) and triton-matmul (cuBLAS blocks of grad_y^T x with an fp32 result, the
+        masked entries kept by a Triton gather) on a GPU
+  dispatch          randmask.ops.masked_grad, what training calls; its rows also record what the selector picks
+  matmul-gather     the dense baseline: grad_y^T x as one matmul in the layer's dtype (cuBLAS / BLAS), then the
+                    gather; what autograd does for SHiRA and SpIEL ("matmul / dispatch" is our speed-up over it)
+  official-gather   the official Random Masking code's way: fp32 transposed copies of x and grad_y in every backward,
+                    then one dot per entry
+  official-sampled  the same copies, then torch.sparse.sampled_addmm over the stored CSR mask (the CSR indices are
+                    built once outside the timing, as the official code stores them; the result is put back in slot
+                    order inside it)
+  native@NAME       with --native-lib PATH: another build of the native CPU library, timed in the same rounds (how a
+                    change to kernels/csrc/native_cpu.cpp is measured against the previous build; reported as
+                    native / native@NAME by round)
 The default shapes are SmolLM2-135M's linear layers (q/o 576x576, k/v 192x576, gate/up 1536x576, down 576x1536)
-with 512 tokens (4 x 128).
+with 512 tokens (4 x 128). The report shows, per shape, where the dense implementation first beats each gather: the
+selector's crossovers (randmask/tuning.py) should sit near them.
 
-Timing: the variants are interleaved round by round, in a shuffled order (a load spike on a shared machine hits all
+Timing: the variants are interleaved round by round in a shuffled order (a load spike on a shared machine hits all
 of them), then the median (or --stat min) of --repeats rounds; CUDA is synchronized around each call; a call under
 20 ms is repeated untimed just before its timed call (warm caches, as in training where x and grad_y were just
-touched). --cold instead reads 128 MiB (4x a 32 MiB L3) before every timed call, so x and grad_y
-come from memory, as x does in a training step's backward (the forward wrote it long before).
---native-lib PATH adds a column "native@NAME" for another build of the native CPU library, timed in the same
-rounds (how a change to kernels/csrc/native_cpu.cpp is measured against the previous build).
-Writes benchmarks/results/masked_grad_<device>_<dtype>[_T<tokens>][_<threads>t][_cold].{md,json,png} (--no-save: print
-only).
+touched). --cold instead reads 128 MiB before every timed call, so x and grad_y come from memory, as x does in a
+training step's backward (the forward wrote it long before).
+Appends a row per (shape, density, variant) to the results dataset, then writes the run's table and plot.
 """
 import argparse
 import os
 import pathlib
-import statistics
 import sys
 import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_average, machine_name, markdown_table, time_interleaved, write_results  # noqa: E402
+from harness import Run, add_results_argument, evict_caches, time_interleaved  # noqa: E402
 
-from randmask import layer_key, mask_positions  # noqa: E402
-from randmask.addressing import MatrixMask  # noqa: E402
-from randmask.backend import HAS_TRITON, kernel_backend  # noqa: E402
-from randmask.functional import masked_grad as dispatch_masked_grad  # noqa: E402
-from randmask.kernels import masked_grad as op  # noqa: E402
+from randmask import MatrixMask, layer_key, ops  # noqa: E402
 from randmask.kernels import native  # noqa: E402
 
 SHAPES = "576x576,192x576,1536x576,576x1536"
 DENSITIES = "1e-4,1e-3,3e-3,1e-2,2.3e-2,5e-2,1e-1,2e-1,3e-1"
-GATHERS = ("torch-gather", "native", "triton-gather", "cuda")
 warnings.filterwarnings("ignore", message="Sparse")  # sampled_addmm: CSR is beta, invariant checks off
 # Calls under this long get an untimed call just before the timed one: otherwise a variant measured right after one
 # with big temporaries (official-*, torch-dense) starts from caches holding those, which measured up to 2x slower.
@@ -89,64 +81,19 @@ def official_sampled(x, grad_y, shape, rows, cols):
     return run
 
 
-def variants(device, x, grad_y, shape, n, key, other_libs=None):
-    """name -> zero-argument callable, for the implementations available here (other_libs: {name: CDLL} of
-    other native CPU builds)."""
-    mask = MatrixMask(shape, n, key)
-    rows, cols = mask_positions(shape, n, key, device)
-    found = {"dispatch": lambda: dispatch_masked_grad(x, grad_y, mask)}  # first in each round: no ordering favour
-    if device.type == "cuda":
-        if HAS_TRITON:
-            found["triton-gather"] = lambda: op.masked_grad_gather_triton(x, grad_y, n, key)
-            found["triton-matmul"] = lambda: op.masked_grad_matmul_triton(x, grad_y, n, key)
-        if native.has_cuda_native():
-            found["cuda"] = lambda: native.masked_grad_cuda(x, grad_y, n, key)
-    else:
-        found["torch-gather"] = lambda: op.masked_grad_gather_torch(x, grad_y, rows, cols)
-        if native.HAS_NATIVE:
-            found["native"] = lambda: native.masked_grad_native(x, grad_y, n, key)
-        for name, library in (other_libs or {}).items():
-            found[name] = lambda library=library: native.masked_grad_native(x, grad_y, n, key, library)
-    found["torch-dense"] = lambda: op.masked_grad_dense_torch(x, grad_y, rows, cols)
+def variants(device, x, grad_y, mask, other_libs=None):
+    """name -> zero-argument callable: the implementations runnable here, dispatch, the baselines, other builds."""
+    rows, cols = mask.positions(device)  # cached in the mask: the torch twins' calls find them there
+    found = {"dispatch": lambda: ops.masked_grad(x, grad_y, mask)}
+    for name in ops.implementations("masked_grad", device):
+        found[name] = lambda name=name: ops.run("masked_grad", name, x, grad_y, mask)
+    for name, library in (other_libs or {}).items():
+        found[name] = lambda library=library: native.masked_grad_native(x, grad_y, mask.n, mask.key, library)
     found["matmul-gather"] = lambda: (grad_y.t() @ x)[rows, cols].float()
     found["official-gather"] = lambda: official_gather(x, grad_y, rows, cols)
-    if n:
-        found["official-sampled"] = official_sampled(x, grad_y, shape, rows, cols)
+    if mask.n:
+        found["official-sampled"] = official_sampled(x, grad_y, mask.shape, rows, cols)
     return found
-
-
-def interleaved_ms(found, device, repeats, stat, evict=None):
-    """Per variant, the median (or min) over `repeats` interleaved rounds (common.time_interleaved), ms; with
-    evict, caches are evicted before every timed call instead of warmed. Also {native@NAME: the median over the
-    rounds of native's time / native@NAME's in that round} (a ratio by round: this machine's load moves every call
-    of a round alike, up to 2x between minutes)."""
-    for fn in found.values():
-        fn()  # warm-up (Triton compiles, the dispatch column's positions cache)
-    times = time_interleaved(found, device, repeats, warm_below_s=0.0 if evict else WARM_BELOW_S, before=evict)
-    pick = min if stat == "min" else statistics.median
-    by_round = {name: statistics.median(a / b for a, b in zip(times["native"], t))
-                for name, t in times.items() if name.startswith("native@")}
-    return {name: 1e3 * pick(t) for name, t in times.items()}, by_round
-
-
-def plot(data, path):
-    import matplotlib.pyplot as plt
-
-    shapes = data["shapes"]
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.6), squeeze=False)
-    for ax, (shape, rows) in zip(axes[0], shapes.items()):
-        densities = [row["density"] for row in rows]
-        for name in data["variants"]:
-            ms = [row["ms"].get(name) for row in rows]
-            if any(v is not None for v in ms):
-                ax.plot(densities, ms, marker="o", ms=3, label=name, ls="--" if name == "dispatch" else "-")
-        ax.set(xscale="log", yscale="log", title=shape, xlabel="density")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("ms per call")
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle(data["title"], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main():
@@ -156,99 +103,54 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--densities", default=DENSITIES)
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved rounds")
     parser.add_argument("--stat", default="median", choices=["median", "min"],
                         help="min is steadier on a shared machine")
     parser.add_argument("--threads", type=int, default=0, help="torch (and native) CPU threads; 0: torch's default")
     parser.add_argument("--cold", action="store_true",
                         help="evict the caches before every timed call (inputs from memory, as in a training step)")
     parser.add_argument("--native-lib", action="append", default=[], metavar="PATH",
-                        help="another build of the native CPU library, timed as column native@NAME (repeatable)")
-    parser.add_argument("--no-save", action="store_true", help="print only, write nothing under results/")
+                        help="another build of the native CPU library, timed as variant native@NAME (repeatable)")
+    add_results_argument(parser)
     args = parser.parse_args()
-    if args.native_lib and (args.device != "cpu" or not native.HAS_NATIVE):
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.native_lib and (device.type != "cpu" or native.status()[0] is None):
         parser.error("--native-lib compares builds of the native CPU library: it needs --device cpu and the "
-                     f"installed library ({native.NATIVE_REASON or 'not built'})")
+                     f"installed library ({native.status()[1] or 'it is loaded'})")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    key = layer_key(0, "bench")
+    threads = torch.get_num_threads() if device.type == "cpu" else None
     other_libs = {f"native@{pathlib.Path(path).stem}": native.load_library(path) for path in args.native_lib}
-    evict = None
-    if args.cold:  # reading 128 MiB (4x a 32 MiB L3) leaves none of the operands in any cache level
-        flush = torch.ones(4 * 32 * 2**20 // 4, device=device)
-        evict = flush.sum
-    isa = f", native ISA {native.cpu_info()['isa']}" if device.type == "cpu" and native.HAS_NATIVE else ""
-    load_before = load_average()
-    title = (f"masked gradient, {machine_name(device)}{isa}; tokens={args.tokens}, {args.dtype}, "
-             f"{args.stat} of {args.repeats} interleaved rounds{', cold caches' if args.cold else ''}; "
-             f"dispatch = {kernel_backend(device)} backend")
-    print(title)
-    data = {"title": title, "args": vars(args), "variants": [], "shapes": {}, "crossovers": {}}
-    markdown = [f"# Masked gradient, ms per call\n\n{title}\n"]
+    evict = evict_caches(device) if args.cold else None
+    table = f"{args.dtype}_T{args.tokens}" + (f"_{threads}t" if threads else "") + ("_cold" if args.cold else "")
+    run = Run("masked_grad", device, table, args.results, tag=args.tag)
+    isa = native.cpu_info()["isa"] if device.type == "cpu" and native.status()[0] is not None else None
+    print(f"{run.base['machine']}, {run.base['table']}, backend {ops.backend_for(device)}; run {run.id}", flush=True)
+    key = layer_key(0, "bench")
     for shape_text in args.shapes.split(","):
         shape = tuple(int(v) for v in shape_text.lower().split("x"))
         generator = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(args.tokens, shape[1], device=device, dtype=dtype, generator=generator)
-        grad_y = torch.randn(args.tokens, shape[0], device=device, dtype=dtype, generator=generator)
-        rows, crossovers = [], {}
+        x = torch.randn(args.tokens, shape[1], device=device, generator=generator).to(dtype)
+        grad_y = torch.randn(args.tokens, shape[0], device=device, generator=generator).to(dtype)
         for density in map(float, args.densities.split(",")):
             n = round(density * shape[0] * shape[1])
-            found = variants(device, x, grad_y, shape, n, key, other_libs)
-            ms, native_over_other = interleaved_ms(found, device, args.repeats, args.stat, evict)
-            for name in found:
-                if name not in data["variants"]:
-                    data["variants"].append(name)
-            dense = "triton-matmul" if "triton-matmul" in ms else "torch-dense"
-            for gather in (g for g in GATHERS if g in ms):
-                if ms[dense] < ms[gather] and gather not in crossovers:
-                    crossovers[gather] = density
-            ours = [ms[k] for k in (*GATHERS, "torch-dense", "triton-matmul") if k in ms]
-            ratio = ms["dispatch"] / min(ours)  # the dispatcher against the best of our variants
-            speedup = ms["matmul-gather"] / ms["dispatch"]
-            rows.append({"density": density, "n": n, "ms": ms, "dispatch_over_best": ratio,
-                         "matmul_over_dispatch": speedup, "native_over_other_by_round": native_over_other})
-            print(f"{shape_text:>9} {density:8.1e} {n:8d}  " + "  ".join(f"{k}={v:.3f}" for k, v in ms.items())
-                  + f"  dispatch/best={ratio:.2f}  matmul/dispatch={speedup:.1f}"
-                  + "".join(f"  native/{k} by round={v:.3f}" for k, v in native_over_other.items()), flush=True)
-        names = [v for v in data["variants"] if any(v in row["ms"] for row in rows)]
-        others = list(other_libs)
-        markdown += [f"\n## {shape_text}\n", markdown_table(
-            ["density", "n", *names, "dispatch / best", "matmul / dispatch",
-             *(f"native / {k} by round" for k in others)],
-            [[f"{row['density']:.1e}", row["n"], *(f"{row['ms'][v]:.3f}" if v in row["ms"] else "–" for v in names),
-              f"{row['dispatch_over_best']:.2f}", f"{row['matmul_over_dispatch']:.1f}",
-              *(f"{row['native_over_other_by_round'][k]:.2f}" for k in others)] for row in rows])]
-        notes = []
-        for gather in (g for g in GATHERS if g in names):
-            if gather in crossovers:
-                notes.append(f"{dense} first beats {gather} at density {crossovers[gather]:g}")
-            else:
-                notes.append(f"{gather} beats {dense} at every density measured")
-        print("  " + "; ".join(notes))
-        markdown.append("\n" + "; ".join(notes) + ".")
-        data["shapes"][shape_text] = rows
-        data["crossovers"][shape_text] = crossovers
-    worst = max(row["dispatch_over_best"] for rows in data["shapes"].values() for row in rows)
-    data["worst_dispatch_over_best"] = worst
-    markdown.append(f"\nDispatcher against the better of our variants, worst case: {worst:.2f}x "
-                    f"(dispatch / best; target <= 1.10).")
-    print(f"worst dispatch / best: {worst:.2f}")
-    speedups = [f"{shape} {row['matmul_over_dispatch']:.1f}x" for shape, rows in data["shapes"].items()
-                for row in rows if row["density"] == 1e-4]
-    if speedups:  # the issue's GPU target: >= 10x at density 1e-4 and 8192 tokens
-        markdown.append(f"\nAt density 1e-4, the dense baseline (matmul-gather) over the dispatcher: "
-                        f"{', '.join(speedups)}.")
-        print("matmul-gather / dispatch at density 1e-4: " + ", ".join(speedups))
-    data["load_average"] = [load_before, load_average()]
-    markdown.append(f"\n1-minute load average before / after: {load_before} / {load_average()}")
-    print(f"load average before / after: {load_before} / {load_average()}")
-    if not args.no_save:
-        threads = f"_{args.threads}t" if args.threads else ""
-        tokens = f"_T{args.tokens}" if args.tokens != 512 else ""
-        stem = f"masked_grad_{device.type}_{args.dtype}{tokens}{threads}{'_cold' if args.cold else ''}"
-        path = write_results(stem, data, "\n".join(markdown), plot)
-        print(f"wrote {path}.md / .json / .png")
+            mask = MatrixMask(shape, n, key)
+            found = variants(device, x, grad_y, mask, other_libs)
+            for fn in found.values():
+                fn()  # warm-up: Triton compiles, lazy loads
+            times = time_interleaved(found, device, args.repeats, warm_below_s=0.0 if evict else WARM_BELOW_S,
+                                     before=evict)
+            picks = ops.select("masked_grad", device, (dtype, dtype), n=n, tokens=args.tokens,
+                               out_features=shape[0], in_features=shape[1])
+            params = {"shape": shape_text, "tokens": args.tokens, "dtype": args.dtype, "density": density, "n": n,
+                      "threads": threads, "cold": args.cold, "backend": ops.backend_for(device), "isa": isa}
+            cells = []
+            for name, t in times.items():
+                extra = {"picks": picks} if name == "dispatch" else {}
+                row = run.add(params, name, t, args.stat, **extra)
+                cells.append(f"{name}={row['s'] * 1e3:.3f}")
+            print(f"{shape_text:>9} {density:8.1e} {n:8d}  picks {picks:<13} " + "  ".join(cells), flush=True)
+    run.report(not args.no_report)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@
     python benchmarks/bench_positions.py --model-baselines full # CPU: run the peers over all 224 matrices (~10 min)
 
 Every method returns the same thing, (rows, cols) as int64 tensors of the n trainable positions:
-  randmask   randmask.mask_positions(shape, n, key): the dispatch users get (CPU: the chunked torch twin,
-             kernels/mask_addressing.py; CUDA: the Triton kernel, kernels/positions.py). Exactly n, O(n) memory.
-  native     kernels/native.py positions_native (the C header, OpenMP), CPU only, when the library is built (or
-             RANDMASK_NATIVE_LIB points at a build).
+  randmask   randmask.mask_positions(shape, n, key): what users get, through randmask.ops (CPU: the native kernel
+             when the library is built; CUDA: the Triton kernel, kernels/positions.py). Exactly n, O(n) memory.
+  native     kernels/native.py positions_native (the C header, OpenMP) called directly, CPU only, when the library
+             is built (or RANDMASK_NATIVE_LIB points at a build).
+  torch      the torch twin (ops.run("positions", "torch", ...): the chunked bijection of
+             kernels/mask_addressing.py), what runs without the native library or Triton.
   randperm   torch.randperm(out*in)[:n], then divmod by in: the core of HF PEFT SHiRA's random mask.
   shira      PEFT SHiRA's whole path (peft 0.21 tuners/shira/mask_functions.random_mask + layer.update_layer):
              randperm, a dense zeros(out, in) float32 mask cast to bool, scatter, then torch.where(mask == 1.0).
@@ -29,14 +31,14 @@ Two cases:
 Time: median of --repeats calls (at least 15 for calls under 50 ms; a call over 0.5 s counts the first, measured
 call as one of them) in a fresh process per (method, case).
 Peak memory: CPU: how far the process's peak resident set (VmHWM, reset to the current RSS just before the call
-through /proc/self/clear_refs: benchmarks/common.py PeakRSS) rises above the RSS at the start of the first call, in
+through /proc/self/clear_refs: benchmarks/harness.py PeakRSS) rises above the RSS at the start of the first call, in
 that fresh process after a tiny warm-up call. It sees every temporary that is touched, including the C library's
 (torch's CPU allocator returns big freed blocks to the OS, so each temporary's pages are faulted in anew). Plain
 ru_maxrss growth is not used: a child inherits its parent's high-water mark across fork + exec, which hid the whole
 growth here when the parent was bigger than the child. CUDA: torch.cuda.max_memory_allocated() minus the memory
 allocated before the call.
 Target: the whole 8B model at 0.01% enumerated in < 1 s with O(n) memory.
-Writes benchmarks/results/positions_<device>[_<tag>].{md,json,png} and prints the tables.
+Appends a row per (case, density, method) to the results dataset, then writes the run's tables and plot.
 """
 import argparse
 import collections
@@ -48,9 +50,9 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fmt_mib, fmt_ms, load_average, machine_name, markdown_table, time_call, write_results  # noqa: E402
+from harness import Run, add_results_argument, time_call  # noqa: E402
 
-METHODS = ["randmask", "native", "randperm", "shira", "rand"]
+METHODS = ["randmask", "native", "torch", "randperm", "shira", "rand"]
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
 FAST_CALL_S = 0.05  # calls faster than this get at least FAST_REPEATS repeats
@@ -70,9 +72,13 @@ def make_method(method, device):
     if method == "native":
         from randmask.kernels import native
 
-        if device.type != "cpu" or not native.HAS_NATIVE:
+        if device.type != "cpu" or native.status()[0] is None:
             return None
         return lambda shape, n, key: native.positions_native(shape, n, key)
+    if method == "torch":
+        from randmask import ops
+
+        return lambda shape, n, key: ops.run("positions", "torch", shape, n, key, device)
 
     def randperm(shape, n, key):
         perm = torch.randperm(shape[0] * shape[1], device=device)
@@ -100,8 +106,8 @@ def make_method(method, device):
 def run_child(spec):
     """Measure one method on a list of matrices [(name, out, in, n)], all positions kept: prints a JSON line."""
     import torch
+    from harness import PeakRSS
 
-    from common import PeakRSS
     from randmask import layer_key
 
     if spec.get("threads"):
@@ -184,92 +190,6 @@ def llama8b_plan(ratio):
     return plan, sum(p.numel() for p in model.parameters())
 
 
-# ---------------------------------------------------------------- report
-def ratio_text(a, b):
-    return f"{a / b:.2g}" if a and b else "–"
-
-
-def markdown(data) -> str:
-    methods = data["methods"]
-    mx = data["matrix"]
-    lines = [f"Machine: {data['machine']}; load average {data['load_before']} before, {data['load_after']} after.",
-             f"Positions as int64 (rows, cols); time = median, peak = {data['peak_how']}.", "",
-             f"**One {mx['shape'][0]}x{mx['shape'][1]} matrix** (time ms / peak MiB)", ""]
-    headers = ["density", "n", *(f"{m} ms" for m in methods), *(f"{m} MiB" for m in methods),
-               "randmask / randperm time"]
-    if "native" in methods:
-        headers.append("native / randperm time")
-    rows = []
-    for row in mx["rows"]:
-        r = row["results"]
-        cells = [f"{row['density']:g}", f"{row['n']:,}", *(fmt_ms(r[m]["time_s"]) if r.get(m) and "time_s" in r[m]
-                                                             else "–" for m in methods),
-                 *(fmt_mib(r[m]["peak_bytes"]) if r.get(m) and "peak_bytes" in r[m] else "–" for m in methods)]
-        t = lambda m: r[m]["time_s"] if r.get(m) and "time_s" in r[m] else None  # noqa: E731
-        cells.append(ratio_text(t("randmask"), t("randperm")))
-        if "native" in methods:
-            cells.append(ratio_text(t("native"), t("randperm")))
-        rows.append(cells)
-    lines += [markdown_table(headers, rows), ""]
-    md = data.get("model")
-    if md:
-        lines += [f"**Llama-3-8B shape, every linear matrix** ({md['matrices']} matrices, {md['entries'] / 1e9:.2f} G "
-                  f"entries) at trainable ratio {md['ratio'] * 100:g}% of {md['params'] / 1e9:.2f} G parameters: "
-                  f"n = {md['n_total']:,} ({md['density']:.3g} of each matrix)", "",
-                  markdown_table(["method", "time s", "peak MiB", "bytes / value", "× randmask time", "how"],
-                                 [[m, f"{r['time_s']:.3f}" if r.get("time_s") is not None else "–",
-                                   fmt_mib(r.get("peak_bytes")),
-                                   (f"{r['peak_bytes'] / md['n_total']:.1f}" if r.get("peak_bytes") is not None
-                                    else "–"),
-                                   ratio_text(r.get("time_s"), md["results"].get("randmask", {}).get("time_s")),
-                                   r["how"]] for m, r in md["results"].items()]), ""]
-        lines += [data["verdict"], ""]
-    return "\n".join(lines)
-
-
-def plot(data, path):
-    import matplotlib.pyplot as plt
-
-    methods = data["methods"]
-    rows = data["matrix"]["rows"]
-    panels = 3 if data.get("model") else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
-    for m in methods:
-        pts = [(row["density"], row["results"][m]) for row in rows if row["results"].get(m)
-               and "time_s" in row["results"][m]]
-        if not pts:
-            continue
-        style = dict(marker="o", linewidth=2.5 if m in ("randmask", "native") else 1.2, label=m)
-        axes[0].plot([d for d, _ in pts], [r["time_s"] * 1e3 for _, r in pts], **style)
-        axes[1].plot([d for d, _ in pts], [max(r["peak_bytes"], 1024) / 2**20 for _, r in pts], **style)
-    shape = data["matrix"]["shape"]
-    for ax, title, unit in ((axes[0], "time", "ms"), (axes[1], "peak memory", "MiB")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("density")
-        ax.set_ylabel(unit)
-        ax.set_title(f"{shape[0]}x{shape[1]}: {title}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    if data.get("model"):
-        md = data["model"]
-        names = list(md["results"])
-        times = [md["results"][m].get("time_s") or 0 for m in names]
-        bars = axes[2].bar(names, times, color=["tab:red" if m in ("randmask", "native") else "tab:gray"
-                                               for m in names])
-        for bar, m in zip(bars, names):
-            if md["results"][m]["how"] != "measured":
-                bar.set_hatch("//")
-        axes[2].axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="1 s target")
-        axes[2].set_yscale("log")
-        axes[2].set_ylabel("s")
-        axes[2].set_title(f"Llama-3-8B, {md['ratio'] * 100:g}% of params (hatched: extrapolated)")
-        axes[2].legend(fontsize=8)
-    fig.suptitle(f"mask positions, {data['machine']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 # ---------------------------------------------------------------- driver
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -286,9 +206,9 @@ def main():
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (and the native kernels') in each measurement; 0: torch's default. "
                              "On a shared machine --threads 1 avoids OpenMP barriers stalling on a descheduled thread")
-    parser.add_argument("--tag", default="", help="suffix of the results' file names (positions_<device>_<tag>.*)")
     parser.add_argument("--child-timeout", type=int, default=1200, help="seconds before one measurement is abandoned")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: a JSON spec file, measure in this process
+    add_results_argument(parser)
     args = parser.parse_args()
     if args.child:
         with open(args.child) as f:
@@ -297,48 +217,48 @@ def main():
     import torch
 
     if args.threads:
-        torch.set_num_threads(args.threads)  # so machine_name reports the children's thread count
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    threads = torch.get_num_threads() if device.type == "cpu" else None
     methods = [m for m in args.methods.split(",") if m]
     if device.type == "cuda" and "native" in methods:
         methods.remove("native")  # the C header's positions run on CPU only
-    data = {"machine": machine_name(device), "device": device.type, "load_before": load_average(),
-            "methods": methods}
-    print(data["machine"], f"(load {data['load_before']})", flush=True)
+    run = Run("positions", device, f"{threads}t" if threads else "", args.results, tag=args.tag)
+    print(f"{run.base['machine']}; run {run.id}", flush=True)
+
+    def add(params, method, r, **extra):
+        """One row from a child's result (or its failure)."""
+        if r is None:
+            return None
+        if "time_s" not in r or r.get("time_s") is None:
+            return run.add(params, method, [], s=None, how=extra.pop("how", None) or failure_text(r, args), **extra)
+        figures = {k: r[k] for k in ("peak_bytes", "peak_how", "first_s", "found") if k in r}
+        return run.add(params, method, r.get("times", []), s=r["time_s"], **figures, **extra)
 
     shape = tuple(int(v) for v in args.shape.lower().split("x"))
-    data["matrix"] = {"shape": shape, "rows": []}
     for density in map(float, args.densities.split(",")):
         n = round(density * shape[0] * shape[1])
-        row = {"density": density, "n": n, "results": {}}
+        params = {"case": "matrix", "shape": args.shape, "density": density, "n": n, "threads": threads}
         for method in methods:
-            row["results"][method] = measure(args, method, [("model.layers.0.mlp.down_proj", shape, n)])
-            r = row["results"][method]
-            if r and "time_s" in r:
-                print(f"  {shape[0]}x{shape[1]} density {density:g} n {n:>9,} {method:9s} "
-                      f"{r['time_s'] * 1e3:10.3f} ms {r['peak_bytes'] / 2**20:9.2f} MiB", flush=True)
-        data["matrix"]["rows"].append(row)
-    hows = {r["peak_how"] for row in data["matrix"]["rows"] for r in row["results"].values() if r and "peak_how" in r}
-    data["peak_how"] = "; ".join(sorted(hows)) + (" in a fresh process" if device.type == "cpu" else "")
-    data["methods"] = methods = [m for m in methods if any(row["results"].get(m) for row in data["matrix"]["rows"])]
+            row = add(params, method, measure(args, method, [("model.layers.0.mlp.down_proj", shape, n)]))
+            if row and row["s"] is not None:
+                print(f"  {args.shape} density {density:g} n {n:>9,} {method:9s} {row['s'] * 1e3:10.3f} ms "
+                      f"{row['peak_bytes'] / 2**20:9.2f} MiB", flush=True)
 
     if not args.skip_model:
-        plan, params = llama8b_plan(args.ratio)
+        plan, model_params = llama8b_plan(args.ratio)
         n_total = sum(n for _, _, n in plan)
         entries = sum(s[0] * s[1] for _, s, _ in plan)
-        md = {"ratio": args.ratio, "params": params, "matrices": len(plan), "entries": entries, "n_total": n_total,
-              "density": n_total / entries, "results": {}}
+        params = {"case": "model", "shape": "llama-3-8b", "ratio": args.ratio, "model_params": model_params,
+                  "matrices": len(plan), "entries": entries, "n": n_total, "density": n_total / entries,
+                  "threads": threads}
         baselines = args.model_baselines
         if baselines == "auto":
             baselines = "full" if device.type == "cuda" else "extrapolate"
         for method in methods:
-            ours = method in ("randmask", "native")
-            if ours or baselines == "full":
-                r = measure(args, method, plan)
-                if r and "time_s" in r:
-                    md["results"][method] = {**r, "how": "measured"}
-                elif r:
-                    md["results"][method] = {**r, "time_s": None, "peak_bytes": None, "how": failure_text(r, args)}
+            row = None
+            if method in ("randmask", "native", "torch") or baselines == "full":
+                row = add(params, method, measure(args, method, plan), how="measured")
             elif baselines == "extrapolate":
                 # One matrix of each size (out*in: the peers' cost depends on it, not on the aspect), times the
                 # count of that size; the peak is the largest one-matrix peak plus the positions of every other
@@ -352,38 +272,19 @@ def main():
                     r = measure(args, method, group[:1])
                     if not r or "time_s" not in r:
                         if r:
-                            md["results"][method] = {**r, "time_s": None, "peak_bytes": None,
-                                                     "how": failure_text(r, args) + f" (one {s[0]}x{s[1]} matrix)"}
+                            row = add(params, method, r, how=failure_text(r, args) + f" (one {s[0]}x{s[1]} matrix)")
                         break
                     time_s += r["time_s"] * len(group)
                     peaks.append(r["peak_bytes"] + 16 * (n_total - group[0][2]))
-                    per_shape[f"{s[0]}x{s[1]}"] = {"count": len(group), "n": group[0][2], **r}
+                    per_shape[f"{s[0]}x{s[1]}"] = {"count": len(group), "n": group[0][2], "s": r["time_s"],
+                                                   "seconds": r["times"], "peak_bytes": r["peak_bytes"]}
                 else:
-                    md["results"][method] = {"time_s": time_s, "peak_bytes": max(peaks), "per_shape": per_shape,
-                                             "how": "extrapolated: one matrix per size × count"}
-            r = md["results"].get(method)
-            if r and r["time_s"] is not None:
-                print(f"  8B model {method:9s} {r['time_s']:8.3f} s {r['peak_bytes'] / 2**20:9.1f} MiB  ({r['how']})",
-                      flush=True)
-        ours = {m: md["results"][m] for m in ("randmask", "native") if md["results"].get(m, {}).get("time_s")}
-        verdict = []
-        for m, r in ours.items():
-            ok_time = r["time_s"] < 1.0
-            bpv = r["peak_bytes"] / n_total
-            verdict.append(f"{m} {r['time_s']:.3f} s ({'<' if ok_time else '≥'} 1 s), "
-                           f"peak +{r['peak_bytes'] / 2**20:.1f} MiB = {bpv:.1f} B per value (positions alone: 16 B)")
-        largest = max(s[0] * s[1] for _, s, _ in plan)
-        data["verdict"] = (f"Target (8B at {args.ratio * 100:g}% in < 1 s, O(n) memory): " +
-                           ("; ".join(verdict) or "randmask was not measured") +
-                           f". For scale: one dense bool mask of the largest matrix is {largest / 2**20:.0f} MiB, "
-                           f"a randperm of it {8 * largest / 2**20:.0f} MiB.")
-        data["model"] = md
-    data["load_after"] = load_average()
-    text = markdown(data)
-    path = write_results(f"positions_{device.type}" + (f"_{args.tag}" if args.tag else ""), data, text, plot)
-    print()
-    print(text)
-    print(f"wrote {path}.{{md,json,png}}")
+                    row = run.add(params, method, [], s=time_s, peak_bytes=max(peaks), per_shape=per_shape,
+                                  how="extrapolated: one matrix per size × count")
+            if row and row["s"] is not None:
+                print(f"  8B model {method:9s} {row['s']:8.3f} s {row['peak_bytes'] / 2**20:9.1f} MiB  "
+                      f"({row['how']})", flush=True)
+    run.report(not args.no_report)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,14 @@
 Methods (all do the same math: AdamW with decoupled weight decay on the fp32 delta, then
 weight[r_k, c_k] = weight dtype(fp32(base_k) + delta_k) for the n masked positions):
   MaskedAdamW          randmask.optim.MaskedAdamW.step(): on CUDA one fused Triton pass (AdamW + the weight write,
-                       positions computed from the hash, no index tensors); on CPU torch's fused AdamW kernel (the
+                       positions computed from the key, no index tensors); on CPU torch's fused AdamW kernel (the
                        one AdamW(fused=True) runs), then the native sparse write (or, without the native library,
                        torch's single-tensor AdamW ops and an index_put with the layer's cached positions).
   AdamW(fused)+index   torch.optim.AdamW(fused=True) on the deltas, then weight.index_put_((rows, cols), merged) with
                        cached int64 positions: what one would write without the fused kernel.
   AdamW(foreach)+index torch.optim.AdamW(foreach=True), then the same index_put_.
   AdamW(fused)+sync    torch.optim.AdamW(fused=True) on a MaskedLinear's delta; randmask's optimizer step hook then
-                       syncs the layer (randmask.functional.sparse_update: Triton / native kernel with positions
+                       syncs the layer (randmask.ops.sparse_update_many: Triton / native kernel with positions
                        inline, or the torch twin), which is what a randmask user gets with a stock optimizer.
 The index_put methods' cached positions cost 16 bytes per value of extra memory; the fused Triton kernel needs none.
 
@@ -22,7 +22,7 @@ One weight of --shape (default 4096x14336, Llama-3-8B's down_proj), grad fixed, 
 Timing: methods are interleaved round by round in a shuffled order (a load spike on a shared machine hits all of them
 alike), median of --repeats rounds (at least 30 when a step is under 5 ms), after --warmup steps; CUDA is synchronized
 around each step.
-Writes benchmarks/results/update_<device>[_<tag>].{md,json,png} and prints the table.
+Appends a row per (dtype, n, method) to the results dataset, then writes the run's table and plot.
 """
 import argparse
 import os
@@ -30,7 +30,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fmt_ms, load_average, machine_name, markdown_table, time_interleaved, write_results  # noqa: E402
+from harness import Run, add_results_argument, time_interleaved  # noqa: E402
 
 METHODS = ["MaskedAdamW", "AdamW(fused)+index", "AdamW(foreach)+index", "AdamW(fused)+sync"]
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -84,9 +84,9 @@ def build_steps(weight, n, device):
     return steps, keep
 
 
-def step_times(steps, device, warmup, repeats):
-    """Median seconds per step of each method, and every time: the methods interleaved round by round in a shuffled
-    order (common.time_interleaved); when every step takes under FAST_STEP_S, at least FAST_ROUNDS rounds."""
+def step_times(steps, device, warmup, repeats) -> dict:
+    """{method: [seconds per round]}: the methods interleaved round by round in a shuffled order
+    (harness.time_interleaved); when every step takes under FAST_STEP_S, at least FAST_ROUNDS rounds."""
     for _ in range(warmup):
         for step in steps.values():
             step()
@@ -95,51 +95,7 @@ def step_times(steps, device, warmup, repeats):
         repeats = max(repeats, FAST_ROUNDS)
     for name, more in time_interleaved(steps, device, repeats - min(3, repeats), seed=1).items():
         times[name] += more
-    return {name: statistics.median(t) for name, t in times.items()}, times
-
-
-def markdown(data) -> str:
-    methods = data["methods"]
-    lines = [f"Machine: {data['machine']}; load average {data['load_before']} before, {data['load_after']} after.",
-             f"One {data['shape'][0]}x{data['shape'][1]} weight; ms per step (median); MaskedAdamW runs "
-             f"{data['masked_adamw_path']}; sync backend {data['sync_backend']}.", ""]
-    headers = ["dtype", "n", *methods, "MaskedAdamW / AdamW(fused)+index", "MaskedAdamW / AdamW(foreach)+index"]
-    rows = []
-    for row in data["rows"]:
-        t = row["time_s"]
-        rows.append([row["dtype"], f"{row['n']:,}", *(fmt_ms(t.get(m)) for m in methods),
-                     f"{t['MaskedAdamW'] / t['AdamW(fused)+index']:.2f}",
-                     f"{t['MaskedAdamW'] / t['AdamW(foreach)+index']:.2f}"])
-    return "\n".join(lines + [markdown_table(headers, rows)])
-
-
-def plot(data, path):
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = dict(zip(data["methods"], ["tab:red", "tab:blue", "tab:green", "tab:purple"]))
-    dtypes = sorted({row["dtype"] for row in data["rows"]})
-    for dtype, style in zip(dtypes, ["-", "--"]):
-        rows = [row for row in data["rows"] if row["dtype"] == dtype]
-        ns = [row["n"] for row in rows]
-        for m in data["methods"]:
-            axes[0].plot(ns, [row["time_s"][m] * 1e3 for row in rows], style, marker="o", color=colors[m],
-                         label=f"{m} {dtype}")
-        for ref, color in (("AdamW(fused)+index", "tab:blue"), ("AdamW(foreach)+index", "tab:green")):
-            axes[1].plot(ns, [row["time_s"]["MaskedAdamW"] / row["time_s"][ref] for row in rows], style,
-                         marker="o", color=color, label=f"MaskedAdamW / {ref} {dtype}")
-    axes[0].set_ylabel("ms per step")
-    axes[0].set_yscale("log")
-    axes[1].axhline(1.0, color="black", linewidth=0.8)
-    axes[1].set_ylabel("time ratio (< 1: MaskedAdamW faster)")
-    for ax in axes:
-        ax.set_xscale("log")
-        ax.set_xlabel("n (trainable values)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"sparse update step, {data['shape'][0]}x{data['shape'][1]}, {data['machine']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return times
 
 
 def main():
@@ -154,7 +110,7 @@ def main():
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (and the native kernels'); 0: torch's default. On a shared machine "
                              "--threads 1 avoids OpenMP barriers stalling on a descheduled thread")
-    parser.add_argument("--tag", default="", help="suffix of the results' file names (update_<device>_<tag>.*)")
+    add_results_argument(parser)
     args = parser.parse_args()
 
     import torch
@@ -162,34 +118,31 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from randmask.backend import kernel_backend, use_triton
+    from randmask import ops
 
     device = torch.device(args.device)
     dtypes = (args.dtypes or ("float32,bfloat16" if device.type == "cuda" else "float32")).split(",")
     shape = tuple(int(v) for v in args.shape.lower().split("x"))
-    data = {"machine": machine_name(device), "device": device.type, "shape": shape, "load_before": load_average(),
-            "masked_adamw_path": ("the fused Triton kernel" if use_triton(device) else
-                                  "torch's fused AdamW kernel, then the native sparse write"
-                                  if kernel_backend(device) == "native" else
-                                  "the torch twin (AdamW ops + index_put, cached positions)"),
-            "sync_backend": kernel_backend(device), "hyper": HYPER, "methods": METHODS, "rows": []}
-    print(data["machine"], f"(load {data['load_before']})", flush=True)
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    backend = ops.backend_for(device)
+    path = {"triton": "the fused Triton kernel (one launch per weight dtype)",
+            "native": "torch's fused AdamW kernel, then the native sparse write",
+            "torch": "the torch twin (AdamW ops + index_put, cached positions)"}[backend]
+    run = Run("update", device, f"{args.shape}" + (f"_{threads}t" if threads else ""), args.results, tag=args.tag)
+    print(f"{run.base['machine']}, backend {backend}; run {run.id}", flush=True)
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         weight = torch.randn(shape, device=device, generator=torch.Generator(device=device).manual_seed(0)).to(dtype)
         for n in (int(float(v)) for v in args.ns.split(",")):
             steps, keep = build_steps(weight, n, device)
-            medians, times = step_times(steps, device, args.warmup, args.repeats)
-            data["rows"].append({"dtype": dtype_name, "n": n, "time_s": medians, "times": times})
-            print(f"  {dtype_name:8s} n {n:>10,} " + "  ".join(f"{m} {medians[m] * 1e3:.3f} ms" for m in METHODS),
+            times = step_times(steps, device, args.warmup, args.repeats)
+            params = {"shape": args.shape, "dtype": dtype_name, "n": n, "threads": threads, "backend": backend,
+                      "path": path, "hyper": HYPER}
+            rows = {m: run.add(params, m, times[m]) for m in METHODS}
+            print(f"  {dtype_name:8s} n {n:>10,} " + "  ".join(f"{m} {rows[m]['s'] * 1e3:.3f} ms" for m in METHODS),
                   flush=True)
             del steps, keep
-    data["load_after"] = load_average()
-    text = markdown(data)
-    path = write_results(f"update_{device.type}" + (f"_{args.tag}" if args.tag else ""), data, text, plot)
-    print()
-    print(text)
-    print(f"wrote {path}.{{md,json,png}}")
+    run.report(not args.no_report)
 
 
 if __name__ == "__main__":

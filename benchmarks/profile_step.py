@@ -6,9 +6,10 @@
 
 Builds the same model, batch and optimizer as bench_e2e.py (benchmarks/bench_e2e.py's prepare), runs --warmup
 steps, then profiles --steps steps and prints the ops by self time (device time on a GPU, CPU time otherwise) and the
-step's wall time. --masked-grad-calls (randmask) instead times each masked-gradient call inside the unprofiled steps,
-per matrix shape: a kernel called inside a training step can run slower than the same call in a microbenchmark
-(cold inputs, the machine's load). Prints only; nothing is written.
+step's wall time; the profile is printed only. --masked-grad-calls (randmask) instead times each masked-gradient
+call inside the unprofiled steps, per matrix shape: a kernel called inside a training step can run slower than the
+same call in a microbenchmark (cold inputs, the machine's load). Those times are appended to the results dataset
+(bench step_masked_grad, a row per shape: every call's seconds) and reported.
 """
 import argparse
 import os
@@ -17,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_e2e import METHODS, SETTINGS, add_step_arguments, prepare  # noqa: E402
-from common import machine_name, synchronize  # noqa: E402
+from harness import Run, add_results_argument, machine_name, synchronize  # noqa: E402
 
 
 def main():
@@ -30,8 +31,8 @@ def main():
     parser.add_argument("--rows", type=int, default=20, help="ops to list")
     parser.add_argument("--masked-grad-calls", action="store_true",
                         help="time the masked-gradient calls inside the steps (per shape) instead of profiling")
+    add_results_argument(parser)
     args = parser.parse_args()
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     if args.masked_grad_calls and args.method != "randmask":
@@ -71,35 +72,35 @@ def timed_steps(args, step, after_warmup=None) -> float:
 
 
 def time_masked_grad_calls(args, step):
-    """Wall time of every masked-gradient call in --steps steps (after --warmup), summed per (out, in) shape."""
-    import randmask.functional as functional
+    """Wall time of every masked-gradient call in --steps steps (after --warmup), per (out, in) shape."""
+    import randmask.layer as layer
 
-    eager = functional._masked_grad_eager  # what MaskedLinearFunction.backward calls in eager mode
-    seconds, calls = {}, {}
+    eager = layer._masked_grad_eager  # what MaskedLinearFunction.backward calls in eager mode
+    seconds = {}
 
     def timed(x, grad_y, n, signed_key):
         start = time.perf_counter()
         g = eager(x, grad_y, n, signed_key)
         synchronize(args.device)
-        shape = (grad_y.shape[1], x.shape[1])
-        seconds[shape] = seconds.get(shape, 0.0) + time.perf_counter() - start
-        calls[shape] = calls.get(shape, 0) + 1
+        seconds.setdefault((grad_y.shape[1], x.shape[1]), []).append(time.perf_counter() - start)
         return g
 
-    def reset():
-        seconds.clear()
-        calls.clear()
-
-    functional._masked_grad_eager = timed
+    layer._masked_grad_eager = timed
     try:
-        wall = timed_steps(args, step, after_warmup=reset)
+        wall = timed_steps(args, step, after_warmup=seconds.clear)
     finally:
-        functional._masked_grad_eager = eager
-    print(f"{machine_name(args.device)}; {args.shape} {args.dtype}, randmask {args.setting}: {wall * 1e3:.1f} ms per "
-          f"step, of which masked-gradient calls {sum(seconds.values()) / args.steps * 1e3:.1f} ms")
-    print("| shape (out x in) | calls per step | ms per call |\n|---|---|---|")
+        layer._masked_grad_eager = eager
+    run = Run("step_masked_grad", args.device, f"{args.shape}_{args.dtype}_{args.setting}", args.results, tag=args.tag)
     for shape in sorted(seconds):
-        print(f"| {shape[0]}x{shape[1]} | {calls[shape] // args.steps} | {seconds[shape] / calls[shape] * 1e3:.3f} |")
+        run.add({"shape": f"{shape[0]}x{shape[1]}", "model": args.shape, "dtype": args.dtype, "setting": args.setting,
+                 "batch": args.batch, "seq": args.seq, "calls_per_step": len(seconds[shape]) // args.steps},
+                "in-step call", seconds[shape], step_s=wall)
+    print(f"{machine_name(args.device)}; {args.shape} {args.dtype}, randmask {args.setting}: {wall * 1e3:.1f} ms per "
+          f"step, of which masked-gradient calls {sum(map(sum, seconds.values())) / args.steps * 1e3:.1f} ms")
+    print("| shape (out x in) | calls per step | ms per call (median) |\n|---|---|---|")
+    for row in run.rows:
+        print(f"| {row['params']['shape']} | {row['params']['calls_per_step']} | {row['s'] * 1e3:.3f} |")
+    run.report(not args.no_report)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ kernel's sqrt is IEEE round-to-nearest and torch's CPU sqrt is not correctly rou
 grad, delta, exp_avg and exp_avg_sq are fp32 of length n; base has the weight's dtype; weight is any-strided 2-D
 (a transposed view for GPT-2's Conv1D).
 
-One interface for every backend (the CUDA C++ backend shares it):
+One interface for the single-matrix step of each backend:
 
     masked_adamw_<backend>(weight, base, delta, grad, exp_avg, exp_avg_sq, key, *,
                            lr, beta1, beta2, eps, weight_decay, step, positions=None) -> None
@@ -37,7 +37,7 @@ them (computing them from the key when absent), the kernels compute positions in
 import torch
 
 from .mask_addressing import cdiv, kernel_mask_args, slot_to_flat_torch  # plain Python: fine without triton
-from .matrix_table import launch_over_table, table_row
+from .matrix_table import WEIGHT_DTYPES, launch_over_table, table_row
 from .sparse_update import sparse_update_torch
 
 try:
@@ -45,7 +45,7 @@ try:
     import triton.language as tl
 
     from .mask_addressing import slot_to_flat
-    from .matrix_table import WEIGHT_DTYPES, find_row, int_fields, pointer_field
+    from .matrix_table import TL_DTYPES, find_row, int_fields, pointer_field
     from .sparse_update import store_merged
 except ImportError:  # triton is optional: the torch twins are the whole CPU path
     triton = None
@@ -242,4 +242,4 @@ def masked_adamw_multi_triton(batch, *, lr, beta1, beta2, eps, weight_decay):
         step_scalars = step_scalars.to(device, non_blocking=True) if on_gpu else step_scalars
         launch_over_table(masked_adamw_multi_kernel, rows, counts, BLOCK, device, step_scalars, float(decay),
                           float(lerp_weight), float(beta2), float(one_minus_beta2), float(eps),
-                          WEIGHT_DTYPE=WEIGHT_DTYPES[weight_dtype], BLOCK=BLOCK, enable_fp_fusion=False)
+                          WEIGHT_DTYPE=TL_DTYPES[weight_dtype], BLOCK=BLOCK, enable_fp_fusion=False)

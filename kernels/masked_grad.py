@@ -5,21 +5,20 @@
 x is (T, in), grad_y is (T, out), both of the layer's dtype; g is fp32 of length n. Two ways to compute it:
   gather: one dot product over tokens per slot, O(n*T) work; wins at tiny density.
   dense:  blocks of output rows of grad_y^T x (cuBLAS on GPU, BLAS on CPU) of which only the masked entries are
-          kept, O(out*in*T) work at full matmul speed; wins above ~2e-4 on GPU, ~1e-2 on CPU. The out x in gradient
-          is never stored whole: a block holds at most ~TEMP_BYTES.
-
-Torch twins (the CPU path and the test oracle) use given positions; they hold at most ~TEMP_BYTES of temporaries.
+          kept, O(out*in*T) work at full matmul speed. The out x in gradient is never stored whole: a block holds
+          at most ~TEMP_BYTES.
+Each way exists as a torch twin (given positions; the CPU fallback and the test oracle) and as a Triton launcher
+(positions from the key). Which one runs is randmask.ops's choice.
 """
 import functools
 
 import torch
 
-# Bound on the torch twins' temporaries, whatever the layer and token count.
+from .mask_addressing import cdiv, kernel_mask_args  # plain Python: raises a clear error when triton is missing
+from .sparse_update import gather_rows_triton
+
+# Bound on the temporaries of one call (the twins' copies, the matmul way's block), whatever the layer and tokens.
 TEMP_BYTES = 64 << 20
-# CPU crossover between the two torch twins (used only when the native kernels are not built): the dense twin wins
-# above this density. Measured with benchmarks/bench_masked_grad.py on the 2-core CI machine, 512 tokens, fp32 and
-# bf16, SmolLM2-135M shapes: 0.003 (576x576), 0.01 (1536x576, 576x1536), 0.023 (192x576).
-DENSE_DENSITY_CPU = 0.01
 
 
 def _token_chunk(width: int) -> int:
@@ -92,50 +91,19 @@ def masked_grad_dense_torch(x, grad_y, rows, cols):
     return grad
 
 
-def masked_grad_torch(x, grad_y, rows, cols):
-    """CPU dispatcher between the two twins, by density."""
-    density = rows.numel() / max(1, grad_y.shape[1] * x.shape[1])
-    if density > DENSE_DENSITY_CPU:
-        return masked_grad_dense_torch(x, grad_y, rows, cols)
-    return masked_grad_gather_torch(x, grad_y, rows, cols)
-
-
 # ---------------------------------------------------------------- Triton kernel (GPU; the tests run it interpreted)
 # Positions are computed inline from the key (kernels/mask_addressing.py); no index tensor is read.
 # x and grad_y are loaded in their own dtype (fp32/fp16/bf16, any strides), cast to fp32, and multiplied and summed
 # in fp32.
-from .mask_addressing import cdiv, kernel_mask_args  # plain Python: raises a clear error when triton is missing
-from .sparse_update import gather_rows_triton
-
 try:
     import triton
     import triton.language as tl
 
     from .mask_addressing import slot_to_flat
-except ImportError:  # triton is optional: masked_grad_torch is the whole CPU path
+except ImportError:  # triton is optional: the torch twins then do the work
     triton = None
 
-# GPU dispatch: a cost model of the two ways (seconds), fitted to the bf16 tables of benchmarks/bench_masked_grad.py
-# on an H200 (benchmarks/results/masked_grad_cuda_bfloat16*.md: 4096x4096 and 4096x14336 at 8192 tokens, 4096x4096
-# at 512; the matmul way by its nearest measured twin, the matmul-gather column):
-#   gather  GATHER_FIXED_S + n*T*GATHER_S: each load takes a 32-byte sector for one 2-byte value, since consecutive
-#           tokens of one column are in-features apart (bound by L2 sectors, not flops)
-#   matmul  MATMUL_FIXED_S + out*in*T*MATMUL_S + n*MATMUL_SLOT_S: cuBLAS at ~80% of the bf16 spec peak, then one
-#           read per slot from the fp32 blocks
-# The fixed parts are mostly the host's launch time, which a short call pays whole. The dispatcher takes the cheaper:
-# the gather up to density ~1.5e-4 from ~2000 tokens up, the matmul way above; at 512 tokens the matmul way whatever
-# the density (on 4096x4096 both took ~0.07 ms there, bound by the host). tests/test_triton_kernels.py
-# checks the model against the stored tables. (Ways measured and dropped, H200 tables of 2026-11-27: a tensor-core
-# Triton kernel fusing the matmul with the masked epilogue ran at ~22% of the bf16 peak, 3-4x cuBLAS's time; the
-# gather on token-major copies of x and grad_y was slower than cuBLAS's matmul + gather in every row; a token-outer
-# gather serving every slot from a few token rows was within +-15% of the plain gather.)
-GATHER_FIXED_S, GATHER_S = 7e-5, 1.7e-11
-MATMUL_FIXED_S, MATMUL_S, MATMUL_SLOT_S = 4.9e-5, 2.45e-15, 3e-11
-# Operands of another dtype than fp16/bf16 go to cuBLAS as fp32: without tensor cores (torch's default) ~15x the bf16
-# time, with TF32 allowed (torch.backends.cuda.matmul.allow_tf32) ~2x, by the H100/H200 specs' 989 / 495 / 67
-# TFLOP/s; the gather's loads cost about the same per value (a sector each). Not measured here.
-MATMUL_FP32_FACTOR, MATMUL_TF32_FACTOR = 15.0, 2.0
-GATHER_BLOCK_K, GATHER_BLOCK_T, GATHER_NUM_WARPS = 128, 32, 4  # gpu_check.sh sweeps these at low density
+GATHER_BLOCK_K, GATHER_BLOCK_T, GATHER_NUM_WARPS = 128, 32, 4  # slots and tokens per step, warps per program
 
 if triton is not None:
 
@@ -168,7 +136,7 @@ if triton is not None:
 GATHER_PROGRAMS_PER_SM = 4  # the gather kernel splits the tokens until it has this many programs per multiprocessor
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
     # On the CPU (the Triton interpreter, tests only) a nominal 2, so that small tests take the split path too.
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
@@ -176,8 +144,8 @@ def _multiprocessors(device: torch.device) -> int:
 
 def _tokens_per_split(blocks: int, T: int, device: torch.device) -> int:
     """Tokens per program of the gather kernel (a multiple of its BLOCK_T). Each program walks its tokens serially,
-    so a few slot blocks over many tokens would leave most multiprocessors idle (measured on an H200: 1678 slots x
-    8192 tokens took 1.14 ms in 14 programs); splitting the tokens fills the chip, and the (splits, n) partial sums
+    so a few slot blocks over many tokens would leave most multiprocessors idle (1678 slots over 8192 tokens make 14
+    programs for a 132-SM chip); splitting the tokens fills the chip, and the (splits, n) partial sums
     are added in a fixed order afterwards. Splits stay >= 4 chunks of BLOCK_T deep so the partials stay small."""
     chunks = cdiv(T, GATHER_BLOCK_T)
     wanted = cdiv(GATHER_PROGRAMS_PER_SM * _multiprocessors(device), max(blocks, 1))
@@ -221,19 +189,3 @@ def masked_grad_matmul_triton(x, grad_y, n, key):
         block = _mm_fp32(grad_y[:, row_begin:row_begin + block_rows].t(), x)  # (rows, in) of grad_y^T x
         gather_rows_triton(block, g, n, key, (out_features, in_features), row_begin)
     return g
-
-
-def masked_grad_way_gpu(n: int, tokens: int, out_features: int, in_features: int, half: bool = True) -> str:
-    """'gather' or 'matmul': the cheaper way by the cost model above (half: fp16/bf16 operands)."""
-    matmul_s = MATMUL_S if half else MATMUL_S * (MATMUL_TF32_FACTOR if torch.backends.cuda.matmul.allow_tf32
-                                                 else MATMUL_FP32_FACTOR)
-    gather = GATHER_FIXED_S + n * tokens * GATHER_S
-    matmul = MATMUL_FIXED_S + out_features * in_features * tokens * matmul_s + n * MATMUL_SLOT_S
-    return "gather" if gather <= matmul else "matmul"
-
-
-def masked_grad_triton(x, grad_y, n, key):
-    """GPU dispatcher between the gather kernel and the matmul way."""
-    half = x.dtype == grad_y.dtype and x.dtype in (torch.float16, torch.bfloat16)
-    way = masked_grad_way_gpu(n, x.shape[0], grad_y.shape[-1], x.shape[-1], half)
-    return (masked_grad_gather_triton if way == "gather" else masked_grad_matmul_triton)(x, grad_y, n, key)

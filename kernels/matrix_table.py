@@ -25,6 +25,7 @@ except ImportError:  # triton is optional: the torch twins are the whole CPU pat
     triton = None
 
 TABLE_FIELDS = 16
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # what the multi-matrix kernels take
 
 
 def table_row(weight, base, delta, n, mask, grad=None, exp_avg=None, exp_avg_sq=None) -> tuple:
@@ -51,8 +52,8 @@ def launch_over_table(kernel, rows, counts, block, device, *args, **kwargs) -> N
 
 if triton is not None:
     _TABLE_FIELDS = tl.constexpr(TABLE_FIELDS)
-    WEIGHT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
-                     torch.float64: tl.float64}  # the weight dtypes the multi-matrix kernels are compiled for
+    TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+                 torch.float64: tl.float64}  # WEIGHT_DTYPES as Triton types
 
     @triton.jit
     def find_row(table_ptr, block, matrices, SEARCH_STEPS: tl.constexpr):

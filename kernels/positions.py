@@ -4,7 +4,7 @@
     slots:     slot[i] = sigma^-1(rows[i] * in + cols[i]) if < n else -1
 
 The math lives in kernels/mask_addressing.py (its device functions are bit-identical to the torch twin, which is
-the CPU path; randmask/addressing.py dispatches). Importable without triton: the launchers then raise.
+the CPU path; randmask/ops.py chooses between them). Importable without triton: the launchers then raise.
 """
 import torch
 

@@ -9,14 +9,14 @@ block of a matrix's rows (gather_rows_triton): the masked gradient's matmul way 
 import torch
 
 from .mask_addressing import cdiv, kernel_mask_args  # plain Python: raises a clear error when triton is missing
-from .matrix_table import launch_over_table, table_row
+from .matrix_table import WEIGHT_DTYPES, launch_over_table, table_row
 
 try:
     import triton
     import triton.language as tl
 
     from .mask_addressing import slot_to_flat
-    from .matrix_table import WEIGHT_DTYPES, find_row, int_fields, pointer_field
+    from .matrix_table import TL_DTYPES, find_row, int_fields, pointer_field
 except ImportError:  # triton is optional: the torch twins are the whole CPU path
     triton = None
 
@@ -139,4 +139,4 @@ def sparse_update_multi_triton(batch):
     elif live:
         rows = [table_row(w, b, d, b.numel(), kernel_mask_args(w.numel(), b.numel(), key)) for w, b, d, key in live]
         launch_over_table(sparse_update_multi_kernel, rows, [b.numel() for _, b, _, _ in live], BLOCK,
-                          live[0][0].device, WEIGHT_DTYPE=WEIGHT_DTYPES[live[0][0].dtype], BLOCK=BLOCK)
+                          live[0][0].device, WEIGHT_DTYPE=TL_DTYPES[live[0][0].dtype], BLOCK=BLOCK)

@@ -1,3 +1,3 @@
-from randmask.cli import main
+from randmask.recipes.cli import main
 
 main()

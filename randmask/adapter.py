@@ -33,9 +33,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from randmask.addressing import MASK_SCHEME, MatrixMask, layer_key
-from randmask.functional import gather_weight, sparse_update
+from randmask import ops
 from randmask.layer import MaskedLinear, is_conv1d
+from randmask.mask import MASK_SCHEME, MatrixMask, layer_key
 from randmask.model import RandMaskConfig, apply, masked_layers, plan
 
 __all__ = ["AdapterError", "FORMAT", "FORMAT_VERSION", "save_adapter", "load_adapter", "read_adapter_header",
@@ -281,7 +281,7 @@ def _model_base(model: nn.Module, name: str, shape, n: int, key: int) -> torch.T
         return module.base
     weight = module.weight.detach()
     with torch.no_grad():
-        return gather_weight(weight.t() if is_conv1d(module) else weight, MatrixMask(tuple(shape), n, key))
+        return ops.gather_weight(weight.t() if is_conv1d(module) else weight, MatrixMask(tuple(shape), n, key))
 
 
 def _check_base(model: nn.Module, entries, header: dict, path: str) -> None:
@@ -402,7 +402,7 @@ def _write_base(layer: MaskedLinear) -> None:
         rows, cols = layer.mask.positions(layer.weight.device)
         layer.weight[rows, cols] = layer.base
     else:
-        sparse_update(layer.weight, layer.base, torch.full_like(layer.delta, -0.0), layer.mask)
+        ops.sparse_update(layer.weight, layer.base, torch.full_like(layer.delta, -0.0), layer.mask)
 
 
 def restore(model: nn.Module) -> nn.Module:

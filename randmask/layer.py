@@ -1,4 +1,12 @@
-"""MaskedLinear: a drop-in nn.Linear whose only trainable values are n seed-addressed entries of its weight."""
+"""The autograd Function and MaskedLinear: a drop-in nn.Linear whose only trainable values are n seed-addressed
+entries of its weight (the data path's third step: the masks come from randmask/mask.py, the kernels through
+randmask/ops.py).
+
+    forward:  y = x W^T + b                 W already holds W0 + delta at the masked positions (merged in place)
+    backward: grad_x     = grad_y W         dense matmul
+              grad_delta = masked_grad(x, grad_y)     fp32, length n, no out x in temporary
+    step:     any torch optimizer updates delta; a post-step hook writes round(W0_k + delta[k]) into the weight
+"""
 import math
 import weakref
 
@@ -8,8 +16,8 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
-from randmask.addressing import MatrixMask, count_for_density, layer_key, mask_positions
-from randmask.functional import gather_weight, masked_linear, sparse_update, sparse_update_many
+from randmask import ops
+from randmask.mask import MatrixMask, count_for_density, layer_key, mask_positions
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -19,29 +27,96 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and \
         module.weight.dim() == 2 and hasattr(module, "nf")
 
+# ---------------------------------------------------------------------------------------------------- autograd
+def _signed(key: int) -> int:
+    """torch.library ints are int64: carry the unsigned 64-bit key as its two's-complement value."""
+    return key - (1 << 64) if key >= (1 << 63) else key
+
+
+def _masked_grad_eager(x: torch.Tensor, grad_y: torch.Tensor, n: int, signed_key: int) -> torch.Tensor:
+    mask = MatrixMask.live((grad_y.shape[1], x.shape[1]), n, signed_key % (1 << 64))
+    return ops.masked_grad(x, grad_y, mask)
+
+
+@torch.library.custom_op("randmask::masked_grad", mutates_args=())
+def _masked_grad_library_op(x: torch.Tensor, grad_y: torch.Tensor, n: int, signed_key: int) -> torch.Tensor:
+    """masked_grad as a registered op, opaque to torch.compile (so a compiled model has no graph break here)."""
+    return _masked_grad_eager(x, grad_y, n, signed_key)
+
+
+@_masked_grad_library_op.register_fake
+def _(x, grad_y, n, signed_key):
+    return x.new_empty(n, dtype=torch.float32)
+
+
+class MaskedLinearFunction(torch.autograd.Function):
+    """y = F.linear(x, weight, bias); delta is an input only so that autograd routes its gradient here.
+    The mask travels as (n, signed key) ints so torch.compile can trace through it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, delta, n, signed_key):
+        ctx.n, ctx.signed_key = n, signed_key
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_delta = ctx.needs_input_grad[:4]
+        grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])
+        x2d = x.reshape(-1, x.shape[-1])
+        grad_x = grad_weight = grad_bias = grad_delta = None
+        if need_x:
+            grad_x = grad_y.matmul(weight.to(grad_y.dtype)).to(x.dtype)
+        if need_delta:
+            if torch.compiler.is_compiling():  # the registered op: opaque to the compiler, no graph break
+                grad_delta = torch.ops.randmask.masked_grad(x2d, grad_y2d, ctx.n, ctx.signed_key)
+            else:  # eager: the same function without the op's dispatch, which costs as much as a small kernel
+                grad_delta = _masked_grad_eager(x2d, grad_y2d, ctx.n, ctx.signed_key)
+        # The weight and bias are frozen by MaskedLinear; if a user unfreezes them they get their true gradients.
+        if need_weight:
+            grad_weight = grad_y2d.t().matmul(x2d.to(grad_y.dtype)).to(weight.dtype)
+        if need_bias:
+            grad_bias = grad_y2d.sum(0).to(grad_y.dtype)
+        return grad_x, grad_weight, grad_bias, grad_delta, None, None
+
+
+def masked_linear(x, weight, bias, delta, mask: MatrixMask):
+    return MaskedLinearFunction.apply(x, weight, bias, delta, mask.n, _signed(mask.key))
+
+
+# ---------------------------------------------------------------------------------------------------- step hook
 # After any torch optimizer's step, the layers whose deltas it holds write their merged entries. This cannot be left
 # to the forward's version check alone: a fused optimizer (AdamW(fused=True)) does not bump version counters, and a
 # compiled forward does no eager checks. An optimizer that writes the merged entries itself
-# (randmask.optim.MaskedAdamW) sets `writes_merged_weights` and calls `mark_synced()` instead.
-# The layers' writes go together (sparse_update_many: one launch per device and dtype on the Triton backend).
+# (randmask.optim.MaskedAdamW) sets `writes_merged_weights` and calls `mark_synced()` instead. The hook is installed
+# when the first MaskedLinear is built, so importing randmask changes no optimizer.
 @torch.no_grad()
 def _sync_after_step(optimizer, args, kwargs):
     if getattr(optimizer, "writes_merged_weights", False):
         return
     layers = [layer for group in optimizer.param_groups for layer in map(layer_of, group["params"])
               if layer is not None]
-    sparse_update_many([(layer.weight, layer.base, layer.delta, layer.mask) for layer in layers if layer.n])
+    ops.sparse_update_many([(layer.weight, layer.base, layer.delta, layer.mask) for layer in layers if layer.n])
     for layer in layers:
         layer.mark_synced()
 
 
-register_optimizer_step_post_hook(_sync_after_step)
+_step_hook = None
+
+
+def _install_step_hook() -> None:
+    global _step_hook
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_sync_after_step)
+
 
 # delta parameter -> weakref to its layer, so an optimizer given only parameters can find a delta's layer.
 _LAYER_OF_DELTA = WeakIdKeyDictionary()
 
 
 def _register(layer) -> None:
+    _install_step_hook()
     _LAYER_OF_DELTA[layer.delta] = weakref.ref(layer)
 
 
@@ -116,7 +191,7 @@ class MaskedLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         with torch.no_grad():
-            self.register_buffer("base", gather_weight(self.weight, self.mask).clone())
+            self.register_buffer("base", ops.gather_weight(self.weight, self.mask).clone())
         self.delta = nn.Parameter(torch.zeros(self.mask.n, dtype=torch.float32, device=weight.device))
         _register(self)
         self.mark_synced()
@@ -155,7 +230,7 @@ class MaskedLinear(nn.Module):
     def sync(self) -> None:
         """Write round(W0_k + delta[k]) into the weight's masked entries."""
         if self.n:
-            sparse_update(self.weight, self.base, self.delta, self.mask)
+            ops.sparse_update(self.weight, self.base, self.delta, self.mask)
         self.mark_synced()
 
     def mark_synced(self) -> None:

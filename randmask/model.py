@@ -1,7 +1,7 @@
 """Model-level API in PEFT's habits: RandMaskConfig, apply, and what a user reads off a masked model."""
 import dataclasses
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch.nn as nn
 

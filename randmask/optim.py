@@ -3,18 +3,12 @@
     opt = MaskedAdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     loss.backward(); opt.step(); opt.zero_grad()      # weights are merged: no sync at the next forward
 
-For each parameter with a gradient:
-  - the `delta` of a MaskedLinear (found with randmask.layer.layer_of): the AdamW step on delta, exp_avg and
-    exp_avg_sq, and the write weight[r_k, c_k] = round(base_k + delta_k):
-      CUDA tensors: one fused pass that also computes the positions from the hash (kernels/masked_adamw.py): the
-        Triton kernel, launched once for all the group's deltas whose weights share a dtype, or the CUDA C++ one
-        per delta with RANDMASK_BACKEND=cuda;
-      CPU, native kernels built (the default): torch's fused multi-tensor AdamW kernel for all the group's deltas in
-        one call, then each layer's native sparse write;
-      otherwise (RANDMASK_BACKEND=torch): the torch twin, with the layer's cached positions;
-    then `layer.mark_synced()` records that the layer needs no sync;
-  - any other parameter (a bias the user unfroze, say): the same AdamW math (on CPU with the native kernels, in
-    the same fused call), no weight write.
+Each step hands every parameter with a gradient to randmask.ops.adamw, which runs, per backend: on CUDA tensors one
+Triton launch for all the deltas of a group whose weights share a dtype (AdamW and the merged write fused, positions
+from the hash); on CPU tensors with the native library torch's fused multi-tensor AdamW kernel for the whole group in
+one call, then each layer's native sparse write; otherwise torch's single-tensor AdamW ops and the write at the
+layer's cached positions. Parameters that are no delta (a bias the user unfroze) get the same AdamW math without a
+write. The layers are then marked synced.
 
 The result equals a stock torch.optim.AdamW (amsgrad=False, maximize=False) followed by a sync: bitwise on CPU
 (the native path runs AdamW(fused=True)'s kernel, the torch twin runs the default single-tensor step's ops in
@@ -25,13 +19,9 @@ run continues identically.
 import numbers
 
 import torch
-from torch.autograd.graph import increment_version
 from torch.optim import Optimizer
 
-from randmask.backend import kernel_backend
-from randmask.functional import sparse_update
-from randmask.kernels import masked_adamw as masked_adamw_op
-from randmask.kernels import native as native_op
+from randmask import ops
 from randmask.layer import layer_of
 
 __all__ = ["MaskedAdamW"]
@@ -113,15 +103,11 @@ class MaskedAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            hyper = {"lr": float(group["lr"]), "beta1": float(group["betas"][0]), "beta2": float(group["betas"][1]),
-                     "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
-            fused_cpu = []  # (layer or None, param, grad, state): the parameters for torch's fused CPU kernel
-            fused_triton = {}  # (device, weight dtype) -> [(layer, delta, grad, state)]: one Triton launch each
+            params, layers = [], []
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                grad = param.grad
-                if grad.is_sparse:
+                if param.grad.is_sparse:
                     raise RuntimeError("MaskedAdamW does not support sparse gradients")
                 state = self.state[param]
                 if not state:
@@ -132,68 +118,13 @@ class MaskedAdamW(Optimizer):
                     state["step"] = torch.tensor(float(state["step"]), dtype=_scalar_dtype())
                 state["step"] += 1
                 layer = layer_of(param)
-                backend = kernel_backend(param.device)
-                if backend == "native" and not torch.is_complex(param):
-                    fused_cpu.append((layer, param, grad, state))
-                elif layer is not None and backend == "triton":
-                    fused_triton.setdefault((param.device, layer.weight.dtype), []).append((layer, param, grad, state))
-                elif layer is not None:
-                    self._masked_step(layer, param, grad, state, state["step"].item(), hyper, backend)
-                else:
-                    self._plain_step(param, grad, state, state["step"].item(), hyper)
-            if fused_cpu:
-                self._fused_cpu_step(fused_cpu, hyper)
-            for batch in fused_triton.values():
-                self._fused_triton_step(batch, hyper)
-        return loss
-
-    @staticmethod
-    def _fused_cpu_step(batch, hyper) -> None:
-        """CPU parameters with the native kernels built: torch's fused multi-tensor AdamW kernel (the one
-        AdamW(fused=True) runs: one vectorised pass per tensor where the single-tensor ops make several, and one
-        call for the whole group) on all of them, then the native sparse write of each masked layer."""
-        layers, params, grads, states = zip(*batch)
-        torch._fused_adamw_(list(params), list(grads), [s["exp_avg"] for s in states],
-                            [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], amsgrad=False,
-                            lr=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"],
-                            weight_decay=hyper["weight_decay"], eps=hyper["eps"], maximize=False)
-        for layer, delta in zip(layers, params):
-            if layer is not None:
-                sparse_update(layer.weight, layer.base, delta, layer.mask)
+                params.append(ops.AdamWParam(param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                             None if layer is None else (layer.weight, layer.base, layer.mask)))
+                if layer is not None:
+                    layers.append(layer)
+            beta1, beta2 = group["betas"]
+            ops.adamw(params, lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                      weight_decay=float(group["weight_decay"]))
+            for layer in layers:
                 layer.mark_synced()
-
-    @staticmethod
-    def _fused_triton_step(batch, hyper) -> None:
-        """Masked deltas on the Triton backend whose weights share a device and dtype: the fused step of all of
-        them in one launch (per matrix, the work masked_adamw_triton does; one launch instead of one each saves
-        the per-launch host time, which bounds a GPU step once the model's own kernels are captured)."""
-        masked_adamw_op.masked_adamw_multi_triton(
-            [(layer.weight, layer.base, delta, grad, state["exp_avg"], state["exp_avg_sq"], layer.key,
-              state["step"].item()) for layer, delta, grad, state in batch], **hyper)
-        # The kernel writes through pointers; bump the version counters as the in-place torch ops of the CPU path
-        # do, so autograd still catches a graph that saved the old weight being backpropagated later.
-        increment_version([t for layer, delta, _, state in batch
-                           for t in (delta, layer.weight, state["exp_avg"], state["exp_avg_sq"])])
-        for layer, *_ in batch:
-            layer.mark_synced()
-
-    @staticmethod
-    def _masked_step(layer, delta, grad, state, step, hyper, backend) -> None:
-        weight = layer.weight
-        args = (weight, layer.base, delta, grad, state["exp_avg"], state["exp_avg_sq"], layer.key)
-        if backend == "cuda":
-            native_op.masked_adamw_cuda(*args, step=step, **hyper)
-            # As in _fused_triton_step: the kernel writes through pointers, the version counters are bumped here.
-            increment_version((delta, weight, state["exp_avg"], state["exp_avg_sq"]))
-        else:
-            masked_adamw_op.masked_adamw_torch(*args, step=step, positions=layer.mask.positions(weight.device),
-                                               **hyper)
-        layer.mark_synced()
-
-    @staticmethod
-    def _plain_step(param, grad, state, step, hyper) -> None:
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        if torch.is_complex(param):  # as torch: complex values step as pairs of reals
-            param, grad = torch.view_as_real(param), torch.view_as_real(grad)
-            exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
-        masked_adamw_op.adamw_torch(param, grad, exp_avg, exp_avg_sq, step=step, **hyper)
+        return loss

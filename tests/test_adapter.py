@@ -13,16 +13,22 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfi
 from transformers.pytorch_utils import Conv1D
 
 import randmask
-from randmask.adapter import (AdapterError, HEADER_HASH_KEY, HEADER_KEY, _digest, _tensor_bytes, load_adapter,
-                              merge, read_adapter_header, restore, save_adapter)
+from randmask.adapter import (
+    HEADER_HASH_KEY,
+    HEADER_KEY,
+    AdapterError,
+    _digest,
+    _tensor_bytes,
+    load_adapter,
+    merge,
+    read_adapter_header,
+    restore,
+    save_adapter,
+)
 from randmask.layer import MaskedLinear
 
 pytestmark = pytest.mark.usefixtures("torch_backend")
 
-
-@pytest.fixture
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("RANDMASK_BACKEND", "torch")
 
 
 def model_config(arch: str, hidden: int = 32):

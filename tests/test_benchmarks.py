@@ -1,4 +1,6 @@
-"""Smoke tests of the benchmark tools that change how timings are taken (tiny sizes; the timings are not checked)."""
+"""The benchmark tools: the harness's timing and dataset, report.py, and every bench script at tiny sizes (timings are
+not checked). Every test writes into its own temporary dataset and never reads the committed results."""
+import json
 import os
 import pathlib
 import re
@@ -11,13 +13,29 @@ from randmask.kernels import native
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
-from common import time_interleaved  # noqa: E402
+import harness  # noqa: E402
+import report  # noqa: E402
+
+HAS_NATIVE = native.status()[0] is not None
+
+
+@pytest.fixture
+def dataset(tmp_path, monkeypatch):
+    """A fresh dataset path, also what the harness writes to by default in this test."""
+    path = tmp_path / "results.jsonl"
+    monkeypatch.setenv(harness.ENV_DATASET, str(path))
+    return path
+
+
+def test_the_default_dataset_is_redirected_by_the_environment(dataset):
+    assert harness.dataset_path() == dataset.resolve()
+    assert harness.dataset_path(dataset.parent / "other.jsonl") == (dataset.parent / "other.jsonl").resolve()
 
 
 def test_time_interleaved_calls_before_just_before_every_timed_call():
     events = []
     fns = {name: (lambda name=name: events.append(name)) for name in ("a", "b", "c")}
-    times = time_interleaved(fns, "cpu", rounds=4, before=lambda: events.append("before"))
+    times = harness.time_interleaved(fns, "cpu", rounds=4, before=lambda: events.append("before"))
     assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
     # warm_below_s=0: one untimed call of each variant in the first round only, then `before`, then the timed call
     first_round, later = events[:9], events[9:]
@@ -25,26 +43,196 @@ def test_time_interleaved_calls_before_just_before_every_timed_call():
     assert later[0::2] == ["before"] * 9 and sorted(later[1::2]) == sorted(["a", "b", "c"] * 3)
 
 
-def _run(script, *args):
-    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
-    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_run_appends_rows_with_the_shared_fields(dataset):
+    first = harness.Run("masked_grad", "cpu", "float32_T8_1t")
+    first.add({"shape": "4x4", "density": 0.5}, "native", [3e-3, 1e-3, 2e-3], "min", picks="native")
+    first.add({"shape": "4x4", "density": 0.5}, "dispatch", [], s=None)
+    second = harness.Run("masked_grad", "cpu", "float32_T8_1t")
+    second.add({"shape": "4x4", "density": 0.5}, "native", [1.0, 3.0, 2.0])
+    rows = harness.read_rows(dataset)
+    assert len(rows) == 3 and all(set(harness.REQUIRED) <= set(row) for row in rows)
+    assert rows[0]["s"] == 1e-3 and rows[0]["picks"] == "native" and rows[1]["s"] is None and rows[2]["s"] == 2.0
+    assert rows[0]["run"] == rows[1]["run"] != rows[2]["run"]
+    assert re.fullmatch(r"([0-9a-f]{4,40}(\+dirty)?|unknown)", rows[0]["commit"])
+    assert rows[0]["date"].endswith("Z") and rows[0]["machine"] == harness.machine_name("cpu")
+    assert harness.Run("masked_grad", "cpu", "float32_T8_1t", tag="cold").base["table"] == "float32_T8_1t_cold"
+
+
+def test_the_commit_can_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv(harness.ENV_COMMIT, "abc1234+dirty")
+    assert harness.git_commit() == "abc1234+dirty"
+
+
+def synthetic_rows(dataset):
+    """A run of each bench's layout, as the scripts write them (no timing)."""
+    runs = {}
+
+    def run(bench, table):
+        runs[bench] = harness.Run(bench, "cpu", table, dataset)
+        return runs[bench]
+
+    grad = run("masked_grad", "float32_T8_1t")
+    for density, n in ((0.1, 2), (0.5, 8)):
+        params = {"shape": "4x4", "tokens": 8, "dtype": "float32", "density": density, "n": n, "threads": 1}
+        for name, t in (("native", 1e-3), ("torch-dense", 2e-3 * density * 2), ("matmul-gather", 5e-3),
+                        ("native@old", 2e-3), ("dispatch", 1.1e-3)):
+            grad.add(params, name, [t, t * 1.1], picks="native" if name == "dispatch" else None)
+    update = run("update", "4x4_1t")
+    for n in (1, 10):
+        params = {"shape": "4x4", "dtype": "float32", "n": n, "threads": 1, "path": "native"}
+        for m, t in (("MaskedAdamW", 1.0), ("AdamW(fused)+index", 2.0), ("AdamW(foreach)+index", 3.0)):
+            update.add(params, m, [t * n])
+    positions = run("positions", "1t")
+    positions.add({"case": "matrix", "shape": "4x4", "density": 0.5, "n": 8}, "randmask", [1e-4], peak_bytes=128,
+                  peak_how="VmHWM")
+    positions.add({"case": "matrix", "shape": "4x4", "density": 0.5, "n": 8}, "randperm", [1e-3], peak_bytes=1024)
+    positions.add({"case": "model", "ratio": 1e-4, "model_params": 10**9, "matrices": 2, "entries": 10**8, "n": 10**4,
+                   "density": 1e-4}, "randmask", [0.1], peak_bytes=2 * 10**5, how="measured")
+    over = run("overhead", "1t")
+    for name, backend, t in (("frozen", None, 5e-5), ("masked", "native", 9e-5)):
+        over.add({"layer": "64x64", "tokens": 8, "n": 4, "calls": 3, "rounds": 2, "threads": 1, "backend": backend},
+                 name, [t, t * 2], "min")
+    e2e = run("e2e", "135m_float32")
+    base = {"shape": "135m", "dtype": "float32", "batch": 1, "seq": 8, "compile": "none", "mode": "processes"}
+    for round_ in (0, 1):
+        e2e.add({**base, "setting": None, "round": round_}, "frozen", [1.0], peak_bytes=100, trainable=0)
+        for method, t in (("randmask", 1.05), ("lora", 1.1)):
+            e2e.add({**base, "setting": "qv", "round": round_}, method, [t + round_], peak_bytes=110, trainable=5,
+                    adapter_bytes=2048)
+    run("gather_sweep", "bfloat16").add({"shape": "4x4", "density": 0.5}, "gather[128x32,4]", [1e-4])
+    return runs
+
+
+def test_report_renders_every_layout_from_the_dataset_alone(dataset):
+    runs = synthetic_rows(dataset)
+    written = report.write_reports(harness.read_rows(dataset), dataset.parent, plots=False)
+    texts = {p.name.split("_")[0]: p.read_text() for p in written}
+    assert {p.suffix for p in written} == {".md"} and len(written) == len(runs)
+    assert "| 5.0e-01 | 8 |" in texts["masked"] and "native / native@old by round" in texts["masked"]
+    assert "MaskedAdamW / AdamW(fused)+index" in texts["update"] and "| float32 | 10 |" in texts["update"]
+    assert "Llama-3-8B shape" in texts["positions"] and "randmask / randperm time" in texts["positions"]
+    assert "| masked | native | 90.0 | 1.80 |" in texts["overhead"]
+    # frozen (setting null) belongs to the qv table; randmask 1.05 / 1.0 in round 0 and 2.05 / 2.0 in round 1
+    assert re.search(r"\| randmask \| 5 \| 1050\.0 \| 1\.05 \| 0\.95 \| 1\.5\d \(1\.05–2\.05\)", texts["e2e"])
+    assert "gather[128x32,4]" in texts["gather"]
+
+
+def test_report_picks_the_latest_run_of_each_table(dataset):
+    older = harness.Run("overhead", "cpu", "1t", dataset)
+    older.add({"layer": "64x64", "tokens": 8, "n": 4, "calls": 1, "threads": 1, "backend": None}, "frozen", [1.0])
+    newer = harness.Run("overhead", "cpu", "1t", dataset)
+    newer.base["date"] = "2999-01-01T00:00:00Z"
+    newer.add({"layer": "64x64", "tokens": 8, "n": 4, "calls": 1, "threads": 1, "backend": None}, "frozen", [2.0])
+    other = harness.Run("overhead", "cpu", "2t", dataset)
+    other.add({"layer": "64x64", "tokens": 8, "n": 4, "calls": 1, "threads": 2, "backend": None}, "frozen", [3.0])
+    assert set(report.latest_runs(harness.read_rows(dataset))) == {newer.id, other.id}
+
+
+# ---------------------------------------------------------------------------------------------------- the scripts
+def _run(script, dataset, *args, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent), harness.ENV_DATASET: str(dataset)}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--results", str(dataset)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
 
-@pytest.mark.skipif(not native.HAS_NATIVE, reason="native CPU library not built")
-def test_bench_masked_grad_cold_against_another_build():
+def _rows(dataset, bench):
+    rows = [row for row in harness.read_rows(dataset) if row["bench"] == bench]
+    assert rows and all(set(harness.REQUIRED) <= set(row) for row in rows)
+    return rows
+
+
+@pytest.mark.full
+def test_every_script_explains_itself():
+    for script in ("bench_masked_grad.py", "bench_update.py", "bench_positions.py", "bench_overhead.py",
+                   "bench_e2e.py", "profile_step.py", "report.py"):
+        done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}, timeout=120)
+        assert done.returncode == 0 and len(done.stdout) > 500, script
+
+
+@pytest.mark.full
+@pytest.mark.skipif(not HAS_NATIVE, reason="native CPU library not built")
+def test_bench_masked_grad_cold_against_another_build(dataset):
     other = native.library_path()  # the same build under another name: the by-round ratio column must appear
-    out = _run("bench_masked_grad.py", "--shapes", "24x40", "--tokens", "32", "--densities", "0.05", "--repeats", "3",
-               "--cold", "--native-lib", str(other), "--no-save")
-    assert "cold caches" in out
-    assert f"native/native@{other.stem} by round=" in out
+    _run("bench_masked_grad.py", dataset, "--shapes", "24x40", "--tokens", "32", "--densities", "0.05,0.5",
+         "--repeats", "3", "--cold", "--native-lib", str(other), "--threads", "1")
+    rows = _rows(dataset, "masked_grad")
+    variants = {row["variant"] for row in rows}
+    assert {"dispatch", "torch-gather", "torch-dense", "native", f"native@{other.stem}", "matmul-gather",
+            "official-gather", "official-sampled"} <= variants
+    assert all(len(row["seconds"]) == 3 and row["params"]["cold"] for row in rows)
+    assert {row["picks"] for row in rows if row["variant"] == "dispatch"} <= {"native", "torch-dense"}
+    text = (dataset.parent / f"{report.stem(rows[0])}.md").read_text()
+    assert f"native / native@{other.stem} by round" in text and "## 24x40" in text
+    assert (dataset.parent / f"{report.stem(rows[0])}.png").exists()
 
 
-def test_profile_step_times_masked_grad_calls_per_shape():
-    out = _run("profile_step.py", "--method", "randmask", "--setting", "all-linear", "--masked-grad-calls",
-               "--batch", "1", "--seq", "8", "--warmup", "1", "--steps", "1")
-    calls = {m[1]: int(m[2]) for m in re.finditer(r"^\| (\d+x\d+) \| (\d+) \| [0-9.]+ \|$", out, re.M)}
+@pytest.mark.full
+def test_bench_update_and_overhead(dataset):
+    _run("bench_update.py", dataset, "--shape", "64x96", "--ns", "10,100", "--repeats", "2", "--warmup", "1")
+    assert {(row["params"]["n"], row["variant"]) for row in _rows(dataset, "update")} == {
+        (n, m) for n in (10, 100) for m in ("MaskedAdamW", "AdamW(fused)+index", "AdamW(foreach)+index",
+                                            "AdamW(fused)+sync")}
+    _run("bench_overhead.py", dataset, "--calls", "3", "--rounds", "2", "--backends", "torch")
+    rows = _rows(dataset, "overhead")
+    assert {row["params"]["backend"] for row in rows if row["variant"] == "masked"} == {"torch"}
+    assert all(row["stat"] == "min" and len(row["seconds"]) == 2 for row in rows)
+
+
+@pytest.mark.full
+def test_bench_positions_matrix_and_model(dataset):
+    _run("bench_positions.py", dataset, "--shape", "64x96", "--densities", "0.01", "--repeats", "1",
+         "--methods", "randmask,torch,rand", "--model-baselines", "skip", "--threads", "1")
+    rows = _rows(dataset, "positions")
+    assert {(row["params"]["case"], row["variant"]) for row in rows} == {
+        ("matrix", "randmask"), ("matrix", "torch"), ("matrix", "rand"), ("model", "randmask"), ("model", "torch")}
+    model = [row for row in rows if row["params"]["case"] == "model"]
+    assert all(row["found"] == row["params"]["n"] and row["params"]["matrices"] == 224 for row in model)
+
+
+@pytest.mark.full
+def test_bench_e2e_per_process_and_in_one_process(dataset):
+    small = ["--batch", "1", "--seq", "8", "--steps", "2", "--warmup", "1", "--settings", "qv"]
+    _run("bench_e2e.py", dataset, *small, "--rounds", "1", "--methods", "frozen,randmask,lora")
+    _run("bench_e2e.py", dataset, *small, "--one-process", "--methods", "frozen,randmask")
+    rows = _rows(dataset, "e2e")
+    per_process = [row for row in rows if row["params"]["mode"] == "processes"]
+    assert {row["variant"]: row["params"]["setting"] for row in per_process} == {
+        "frozen": None, "randmask": "qv", "lora": "qv"}
+    assert all(row["peak_bytes"] > 0 and len(row["seconds"]) == 2 for row in per_process)
+    assert next(row for row in per_process if row["variant"] == "randmask")["adapter_bytes"] > 0
+    assert {row["table"] for row in rows} == {"135m_float32", "135m_float32_one-process"}
+
+
+@pytest.mark.full
+def test_profile_step_times_masked_grad_calls_per_shape(dataset):
+    _run("profile_step.py", dataset, "--method", "randmask", "--setting", "all-linear", "--masked-grad-calls",
+         "--batch", "1", "--seq", "8", "--warmup", "1", "--steps", "1")
+    calls = {row["params"]["shape"]: row["params"]["calls_per_step"] for row in _rows(dataset, "step_masked_grad")}
     # SmolLM2-135M's four shapes, each called once per layer and matrix (30 layers; q,o / k,v / gate,up / down)
     assert calls == {"576x576": 60, "192x576": 60, "1536x576": 60, "576x1536": 30}
+
+
+@pytest.mark.full
+def test_report_cli_lists_adds_and_renders_a_chosen_run(dataset, tmp_path):
+    synthetic_rows(dataset)
+    other = tmp_path / "device" / "results.jsonl"
+    device_run = harness.Run("overhead", "cpu", "9t", other)
+    device_run.add({"layer": "64x64", "tokens": 8, "n": 4, "calls": 1, "threads": 9, "backend": None}, "frozen", [1.0])
+    env = {**os.environ, harness.ENV_DATASET: str(dataset)}
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, str(BENCHMARKS / "report.py"), "--results", str(dataset), *args],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    assert "added 1 rows (1 runs)" in cli("--add", str(other), "--out", str(tmp_path / "all"))
+    assert "added 0 rows" in cli("--add", str(other), "--out", str(tmp_path / "all"))
+    assert device_run.id in cli("--list")
+    assert len(list((tmp_path / "all").glob("*.png"))) >= 5
+    cli("--run", device_run.id, "--out", str(tmp_path / "one"))
+    assert [p.name for p in (tmp_path / "one").glob("*.md")] == [f"{report.stem(device_run.rows[0], True)}.md"]
+    assert sum(1 for line in dataset.read_text().splitlines() if json.loads(line)["run"] == device_run.id) == 1

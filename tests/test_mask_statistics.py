@@ -2,8 +2,8 @@
 between two keys' masks, neither clumped (upper tail) nor too regular (lower tail).
 
 Every p-value is two-sided and rejected below ALPHA = 1e-9 per tail; this file computes fewer than 500 of them, so a
-correct implementation fails with probability < 1e-6 (Bonferroni). The same checks must reject structured masks of the same size
-(a contiguous run, an affine lattice), which shows they have power.
+correct implementation fails with probability < 1e-6 (Bonferroni). The same checks must reject structured masks of
+the same size (a contiguous run, an affine lattice), which shows they have power.
 """
 import math
 

@@ -4,7 +4,9 @@ made and touched). ru_maxrss would not do: a child inherits its parent's peak ac
 import subprocess
 import sys
 
+import pytest
 
+pytestmark = pytest.mark.full  # fresh processes
 
 SCRIPT = """
 import sys, torch, torch.nn as nn

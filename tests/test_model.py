@@ -144,7 +144,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             model.gradient_checkpointing_enable()
             model.train()
         calls = []
-        model.get_submodule("model.layers.0.self_attn.q_proj").register_forward_hook(lambda *_: calls.append(1))
+        model.get_submodule("model.layers.0.self_attn.q_proj").register_forward_hook(
+            lambda *_, calls=calls: calls.append(1))
         lm_loss(model, batch).backward()
         assert len(calls) == (2 if checkpointing else 1)  # checkpointing really recomputed the forward
         grads.append([layer.delta.grad.clone() for _, layer in randmask.masked_layers(model)])
@@ -159,7 +160,8 @@ def test_trainer_lowers_the_loss(tmp_path, optimizer):
     from transformers import Trainer, TrainingArguments
 
     model = randmask.apply(tiny_llama(), RandMaskConfig(density=0.1, target_modules="all-linear"))
-    data = [{"input_ids": row, "labels": row} for row in (torch.arange(16).repeat(32, 1) * 3 + torch.arange(32)[:, None]) % 96]
+    rows = (torch.arange(16).repeat(32, 1) * 3 + torch.arange(32)[:, None]) % 96
+    data = [{"input_ids": row, "labels": row} for row in rows]
     held_out = torch.stack([d["input_ids"] for d in data[:8]])
     with torch.no_grad():
         before = lm_loss(model, held_out).item()
@@ -181,6 +183,7 @@ def test_trainer_lowers_the_loss(tmp_path, optimizer):
     assert after < 0.8 * before, (before, after)
 
 
+@pytest.mark.full
 def test_torch_compile_has_no_graph_breaks_and_trains_like_eager():
     eager = randmask.apply(tiny_llama(), RandMaskConfig(density=0.1, target_modules="all-linear"))
     compiled_model = copy.deepcopy(eager)
@@ -243,6 +246,7 @@ os._exit(0)
 """
 
 
+@pytest.mark.full
 def test_ddp_two_processes_keep_deltas_identical_and_reduce_only_n_values(tmp_path):
     import subprocess
 

@@ -1,27 +1,20 @@
-"""MaskedAdamW against torch.optim.AdamW followed by a sync, and its Triton kernels (run by the interpreter,
-TRITON_INTERPRET=1 from conftest.py): the single-matrix one against the torch twin, the multi-tensor one against
-a launch of the single-matrix one per matrix."""
+"""MaskedAdamW and the step hook of torch optimizers, on a model: against torch.optim.AdamW followed by a sync, one
+Triton launch per group and weight dtype (run by the interpreter, TRITON_INTERPRET=1 from conftest.py), no second
+sync, state_dict round trips, clear errors. tests/ops/test_adamw.py holds the kernels themselves to torch's AdamW."""
 import io
-import os
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import randmask.layer as layer_module
-from randmask import MaskedLinear
+import randmask
+from randmask import MaskedLinear, ops
 from randmask.kernels import masked_adamw as ma
-from randmask.kernels import native
+from randmask.kernels import sparse_update as su
 from randmask.optim import MaskedAdamW
 
 HYPER = {"lr": 3e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
-KEY = 0x0123456789ABCDEF
-
-
-@pytest.fixture
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("RANDMASK_BACKEND", "torch")
 
 
 class Tiny(nn.Module):
@@ -79,10 +72,14 @@ CPU_REFERENCES = {"torch": {"foreach": False}, "native": {"fused": True}}
 
 @pytest.mark.parametrize("backend", sorted(CPU_REFERENCES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_matches_adamw_then_sync(dtype, backend, monkeypatch):
-    if backend == "native" and not native.HAS_NATIVE:
-        pytest.skip(f"native kernels not built: {native.NATIVE_REASON}")
-    monkeypatch.setenv("RANDMASK_BACKEND", backend)
+def test_matches_adamw_then_sync(dtype, backend):
+    if ops.available_backends("cpu")[backend]:
+        pytest.skip(ops.available_backends("cpu")[backend])
+    with randmask.use_backend(backend):
+        _matches_adamw_then_sync(dtype, backend)
+
+
+def _matches_adamw_then_sync(dtype, backend):
     ours, ref = make_tiny(dtype), make_tiny(dtype)
     initial = [layer.weight.detach().clone() for layer in ours.masked()]
     opt = MaskedAdamW(ours.parameters(), **HYPER)  # frozen weights and biases are in there, and skipped
@@ -116,11 +113,10 @@ def test_matches_adamw_then_sync(dtype, backend, monkeypatch):
 # ---------------------------------------------------------------- (b) no second sync; the forward sees the step
 @pytest.mark.usefixtures("torch_backend")
 def test_step_writes_weights_so_layers_do_not_resync(monkeypatch):
-    syncs = []  # the weights written by a layer's own sync or by the optimizer hook's
-    real, real_many = layer_module.sparse_update, layer_module.sparse_update_many
-    monkeypatch.setattr(layer_module, "sparse_update", lambda *args: syncs.append(args[0]) or real(*args))
-    monkeypatch.setattr(layer_module, "sparse_update_many",
-                        lambda updates: syncs.extend(u[0] for u in updates) or real_many(updates))
+    syncs = []  # the weights written by a layer's own sync or by the optimizer hook's (torch backend: one a weight)
+    table = ops.IMPLEMENTATIONS["sparse_update"]
+    monkeypatch.setitem(table, "torch", ops.Impl("torch", lambda *args, _fn=table["torch"].fn: syncs.append(args[0])
+                                                 or _fn(*args)))
     model = make_tiny()
     initial = [layer.weight.detach().clone() for layer in model.masked()]
     (x, target), (x2, _) = batches(2)
@@ -148,99 +144,15 @@ def test_step_writes_weights_so_layers_do_not_resync(monkeypatch):
     assert [id(w) for w in syncs] == [id(layer.weight) for layer in model.masked()]
 
 
-# ---------------------------------------------------------------- (c) the Triton kernel (interpreted) vs the twin
-triton_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or ma.triton is None,
-                                 reason="runs the Triton kernel on CPU tensors: needs triton and TRITON_INTERPRET=1")
-
-
-def positions(shape, n, key=KEY):
-    from randmask.kernels.mask_addressing import slot_to_flat_torch
-
-    flat = slot_to_flat_torch(torch.arange(n), shape[0] * shape[1], key)
-    return flat // shape[1], flat % shape[1]
+# ---------------------------------------------------------------- (c) the Triton backend (interpreted)
+triton_only = pytest.mark.skipif(bool(ops.available_backends("cpu")["triton"]),
+                                 reason=ops.available_backends("cpu")["triton"] or "runs")
 
 
 def assert_bf16_within_one_ulp(got, ref):
     # The interpreter turns fp32 into bf16 by dropping the low 16 bits (truncation); a GPU and torch round to nearest
     # even. Same sign, so the bit patterns of the two results differ by at most one.
     assert ((got.view(torch.int16).int() - ref.view(torch.int16).int()).abs() <= 1).all()
-
-
-@triton_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("beta1", [0.9, 0.3], ids=["lerp-from-start", "lerp-from-end"])
-def test_triton_kernel_matches_twin(dtype, beta1):
-    shape = (40, 61)
-    gen = torch.Generator().manual_seed(5)
-    weight0 = torch.randn(shape[1], shape[0], generator=gen).to(dtype).T  # non-contiguous (out, in), like Conv1D
-    # n = 0, one slot, and 2 and 3 programs of BLOCK = 1024 (the last one partly masked)
-    for n in (0, 1, 1500, shape[0] * shape[1]):
-        rows, cols = positions(shape, n)
-        base = weight0[rows, cols]
-        weight, ref_weight = weight0.clone(), weight0.clone()
-        ours = [torch.zeros(n) for _ in range(3)]  # delta, exp_avg, exp_avg_sq
-        ref = [torch.zeros(n) for _ in range(3)]
-        for step in (1, 2, 3):
-            grad = torch.randn(n, generator=gen)
-            hyper = {"lr": 1e-2, "beta1": beta1, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1, "step": step}
-            ma.masked_adamw_triton(weight, base, ours[0], grad, ours[1], ours[2], KEY, **hyper)
-            ma.masked_adamw_torch(ref_weight, base, ref[0], grad, ref[1], ref[2], KEY, **hyper,
-                                  positions=(rows, cols))
-            # To fp32 rounding: the kernel's sqrt is IEEE round-to-nearest, torch's CPU sqrt is not always (1 ulp);
-            # m and v follow torch's fma placement (bitwise here, on an AVX512 build), 2 ulps allowed.
-            for got, want in zip(ours[1:], ref[1:]):
-                torch.testing.assert_close(got, want, rtol=2**-22, atol=0)
-            torch.testing.assert_close(ours[0], ref[0], rtol=2**-21, atol=1e-2 * 2**-21)
-            merged = (base.float() + ours[0]).to(dtype)  # what sync writes for the kernel's own delta
-            if dtype == torch.bfloat16:
-                assert_bf16_within_one_ulp(weight[rows, cols], merged)
-            else:
-                assert torch.equal(weight[rows, cols], merged)
-            outside = torch.ones(shape, dtype=torch.bool)
-            outside[rows, cols] = False
-            assert torch.equal(weight[outside], weight0[outside])
-        if n:
-            assert ours[0].abs().min() > 0
-
-
-def multi_batch(dtype, gen):
-    """[weight, base, delta, exp_avg, exp_avg_sq, key] lists for one multi-tensor launch: different shapes and n (a
-    1-row matrix, a transposed Conv1D-like view over 2 programs, an n = 0 one) and keys whose 32-bit halves are
-    small and >= 2^31, which the single-matrix kernel gets as i32 and as i64 arguments."""
-    matrices = []
-    for shape, n, transposed, key in (((1, 1031), 700, False, 3 << 32 | 5), ((40, 61), 1500, True, KEY),
-                                      ((5, 7), 0, False, KEY), ((9, 13), 20, False, 2**64 - 1)):
-        weight = torch.randn(shape[::-1] if transposed else shape, generator=gen).to(dtype)
-        weight = weight.T if transposed else weight
-        rows, cols = positions(shape, n, key)
-        matrices.append([weight, weight[rows, cols], *(torch.zeros(n) for _ in range(3)), key])
-    return matrices
-
-
-@triton_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("weight_decay,beta1", [(0.0, 0.9), (0.1, 0.3)], ids=["no-decay", "decay-lerp-from-end"])
-def test_multi_tensor_kernel_matches_one_launch_each(dtype, weight_decay, beta1):
-    gen = torch.Generator().manual_seed(6)
-    ours = multi_batch(dtype, gen)
-    initial = [weight.clone() for weight, *_ in ours]
-    ref = [[t.clone() if torch.is_tensor(t) else t for t in matrix] for matrix in ours]
-    hyper = {"lr": 1e-2, "beta1": beta1, "beta2": 0.999, "eps": 1e-8, "weight_decay": weight_decay}
-    for steps in ((1, 3, 1, 2), (2, 4, 2, 3), (3, 5, 3, 4)):  # each matrix its own step count
-        grads = [torch.randn(delta.numel(), generator=gen) for _, _, delta, *_ in ours]
-        ma.masked_adamw_multi_triton([(weight, base, delta, grad, exp_avg, exp_avg_sq, key, step)
-                                      for (weight, base, delta, exp_avg, exp_avg_sq, key), grad, step
-                                      in zip(ours, grads, steps)], **hyper)
-        for (weight, base, delta, exp_avg, exp_avg_sq, key), grad, step in zip(ref, grads, steps):
-            ma.masked_adamw_triton(weight, base, delta, grad, exp_avg, exp_avg_sq, key, step=step, **hyper)
-        for matrix, ref_matrix in zip(ours, ref):  # the same kernel body and scalars: bitwise equal
-            for name, got, want in zip(("weight", "base", "delta", "exp_avg", "exp_avg_sq"), matrix, ref_matrix):
-                assert torch.equal(got, want), name
-    for (weight, _, delta, *_, key), w0 in zip(ours, initial):
-        outside = torch.ones(weight.shape, dtype=torch.bool)
-        outside[positions(tuple(weight.shape), delta.numel(), key)] = False
-        assert torch.equal(weight[outside], w0[outside])  # bitwise untouched outside the mask
-        assert delta.numel() == 0 or delta.abs().min() > 0
 
 
 class Stack(nn.Module):
@@ -261,8 +173,8 @@ class Stack(nn.Module):
 
 @triton_only
 def test_optimizer_steps_triton_in_one_launch_per_group_and_dtype(monkeypatch):
-    monkeypatch.setenv("RANDMASK_BACKEND", "torch")
-    ours, ref = Stack(), Stack()
+    with randmask.use_backend("torch"):
+        ours, ref = Stack(), Stack()
 
     def optimizer(model):  # two groups: the second with its own lr and no weight decay
         return MaskedAdamW([{"params": [model.q.delta, model.v.delta, model.o.delta, model.o.bias]},
@@ -286,10 +198,10 @@ def test_optimizer_steps_triton_in_one_launch_per_group_and_dtype(monkeypatch):
                 ref_param.grad = param.grad.clone()
         versions = [(layer.delta._version, layer.weight._version) for layer in ours.masked()]
         launches.clear()
-        monkeypatch.setenv("RANDMASK_BACKEND", "triton")
-        opt.step()
-        monkeypatch.setenv("RANDMASK_BACKEND", "torch")
-        ref_opt.step()
+        with randmask.use_backend("triton"):
+            opt.step()
+        with randmask.use_backend("torch"):
+            ref_opt.step()
         # one launch for the first group's fp32 deltas, one for its bf16 delta, one for the second group
         assert launches == [["q", "v"] if step else ["q"], ["o"], ["k"]]
         for layer, (delta_version, weight_version) in zip(ours.masked(), versions):
@@ -314,7 +226,7 @@ def test_optimizer_steps_triton_in_one_launch_per_group_and_dtype(monkeypatch):
         assert torch.equal(layer.weight[outside], ref_layer.weight[outside])
     assert torch.equal(ours.o.bias, ref.o.bias)  # the plain AdamW path, the same on both backends
     synced = []
-    monkeypatch.setattr(layer_module, "sparse_update", lambda *args: synced.append(1))
+    monkeypatch.setattr(ops, "sparse_update", lambda *args: synced.append(1))
     with torch.no_grad():
         for layer in ours.masked():
             layer(torch.randn(3, layer.in_features).to(layer.weight.dtype))
@@ -322,42 +234,10 @@ def test_optimizer_steps_triton_in_one_launch_per_group_and_dtype(monkeypatch):
 
 
 @triton_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_multi_matrix_sync_matches_one_launch_each(dtype):
-    # the one-launch merged-weight write (the step hook's, for torch optimizers) against sparse_update_triton per
-    # matrix: bitwise, other entries untouched, n = 0 and a transposed weight included
-    from randmask.kernels import sparse_update as su
-
-    gen = torch.Generator().manual_seed(8)
-    ours = multi_batch(dtype, gen)
-    for _, _, delta, *_ in ours:
-        delta.copy_(torch.randn(delta.numel(), generator=gen))
-    ref = [[t.clone() if torch.is_tensor(t) else t for t in matrix] for matrix in ours]
-    initial = [weight.clone() for weight, *_ in ours]
-    su.sparse_update_multi_triton([(weight, base, delta, key) for weight, base, delta, _, _, key in ours])
-    for weight, base, delta, _, _, key in ref:
-        su.sparse_update_triton(weight, base, delta, key)
-    for (weight, _, delta, _, _, key), (ref_weight, *_), w0 in zip(ours, ref, initial):
-        assert torch.equal(weight, ref_weight)
-        outside = torch.ones(weight.shape, dtype=torch.bool)
-        outside[positions(tuple(weight.shape), delta.numel(), key)] = False
-        assert torch.equal(weight[outside], w0[outside]) and (delta.numel() == 0 or not torch.equal(weight, w0))
-    fp32, bf16 = multi_batch(torch.float32, gen)[0], multi_batch(torch.bfloat16, gen)[1]
-    with pytest.raises(ValueError, match="one dtype and device"):
-        su.sparse_update_multi_triton([(fp32[0], fp32[1], fp32[2], fp32[5]), (bf16[0], bf16[1], bf16[2], bf16[5])])
-    with pytest.raises(ValueError, match="fp32 deltas"):
-        su.sparse_update_multi_triton([(fp32[0], fp32[1], fp32[2].double(), fp32[5])])
-    with pytest.raises(ValueError, match="1-D base and delta of one length"):
-        su.sparse_update_multi_triton([(fp32[0], fp32[1], fp32[2][:-1], fp32[5])])
-
-
-@triton_only
 def test_torch_optimizer_hook_syncs_in_one_launch_per_dtype(monkeypatch):
     # after a torch AdamW step the hook writes every layer's merged entries: on the Triton backend one launch for
     # the fp32 weights and one for the bf16 one, and the same weights as a sync per layer
-    from randmask.kernels import sparse_update as su
-
-    monkeypatch.setenv("RANDMASK_BACKEND", "triton")
+    monkeypatch.setattr(ops, "_forced", "triton")  # the whole test, fixture teardown included
     ours, ref = Stack(), Stack()
     launches = []
     multi = su.sparse_update_multi_triton
@@ -374,31 +254,6 @@ def test_torch_optimizer_hook_syncs_in_one_launch_per_dtype(monkeypatch):
         assert layer.delta._version == layer._synced_version  # marked synced: the forward will not write again
         ref_layer.sync()
         assert torch.equal(layer.weight, ref_layer.weight)
-
-
-@triton_only
-def test_multi_tensor_kernel_refuses_bad_batches():
-    gen = torch.Generator().manual_seed(7)
-    hyper = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
-    fp32, bf16 = multi_batch(torch.float32, gen)[0], multi_batch(torch.bfloat16, gen)[3]
-    before = [t.clone() for t in fp32[:5]]
-
-    def launch(*matrices, step=1):
-        ma.masked_adamw_multi_triton([(*m[:3], torch.ones(m[2].numel()), *m[3:], step) for m in matrices], **hyper)
-
-    with pytest.raises(ValueError, match="one dtype and device: got torch.bfloat16 .* batch of torch.float32"):
-        launch(fp32, bf16)
-    with pytest.raises(ValueError, match="weights must be one of"):
-        launch([fp32[0].to(torch.int32), fp32[1].to(torch.int32), *fp32[2:]])
-    with pytest.raises(ValueError, match="step"):
-        launch(fp32, step=0)
-    with pytest.raises(ValueError, match="exp_avg is updated in place and must be contiguous"):
-        launch([*fp32[:3], torch.zeros(2 * fp32[2].numel())[::2], *fp32[4:]])
-    with pytest.raises(ValueError, match="base must be"):
-        launch([fp32[0], fp32[1].to(torch.bfloat16), *fp32[2:]])
-    with pytest.raises(ValueError, match="n must be in"):
-        launch([fp32[0][:, :1], fp32[1], *fp32[2:]])
-    assert all(torch.equal(t, t0) for t, t0 in zip(fp32[:5], before))  # checked before anything is written
 
 
 # ---------------------------------------------------------------- (d) state_dict round trip
@@ -466,12 +321,3 @@ def test_bad_param_groups_and_gradients():
     param.grad = torch.randn(5, 3).to_sparse()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
-    weight, base = torch.zeros(4, 5), torch.zeros(3)
-    vectors = [torch.zeros(3) for _ in range(4)]
-    hyper = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
-    with pytest.raises(ValueError, match="step"):
-        ma.masked_adamw_torch(weight, base, *vectors, KEY, **hyper, step=0)
-    with pytest.raises(ValueError, match="grad must be fp32"):
-        ma.masked_adamw_torch(weight, base, vectors[0], torch.zeros(4), *vectors[2:], KEY, **hyper, step=1)
-    with pytest.raises(ValueError, match="base must be"):
-        ma.masked_adamw_torch(weight, base.half(), *vectors, KEY, **hyper, step=1)

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.full
 ARCHS = (90, 80)
 # Dtypes of the pointer arguments of each variant; other arguments are i32, except the key halves k0, k1: i64
 # (what Triton makes of a half >= 2^31). The sparse gather passes its output as delta too; the masked gradient's

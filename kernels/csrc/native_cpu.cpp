@@ -49,9 +49,8 @@
 namespace {
 
 constexpr int64_t kAlign = 16;          // floats per 64-byte line: token vectors are padded to a multiple of this
-// Target size of one chunk's transposed copies (L2 is 512 KiB-2 MiB). Measured against 2 MiB on the SmolLM2-135M
-// shapes at 512 tokens (min over 20 interleaved rounds, 2-core CI machine): 2 MiB was 10-17% faster with two threads
-// on the 1536-wide shapes but 4-9% slower with one thread, so this stays.
+// Target size of one chunk's transposed copies: both fit a core's L2 (512 KiB-2 MiB). A 2 MiB target traded
+// one-thread speed for two-thread speed (BENCHMARKS.md, designs tried and dropped).
 constexpr int64_t kChunkBytes = 768 << 10;
 constexpr int64_t kMinChunk = 16, kMaxChunk = 1024;  // tokens per chunk (16 only for very wide layers)
 constexpr int64_t kSerialWork = 1 << 20;  // below this many multiply-adds one thread does the whole call
@@ -71,12 +70,16 @@ bool valid_dtype(int d) { return d == RANDMASK_F32 || d == RANDMASK_F16 || d == 
 
 size_t dtype_size(int d) { return d == RANDMASK_F32 ? 4 : 2; }
 
-// A mask for (out, in) with n slots, or numel == 0 when the arguments are invalid.
-randmask_mask_t make_mask(int64_t out, int64_t in, int64_t n, uint64_t key) {
-    randmask_mask_t m;
-    m.numel = 0;
-    if (out <= 0 || in <= 0 || out * in > (int64_t)RANDMASK_MAX_ENTRIES || n < 0 || n > out * in) return m;
-    return randmask_mask_init((uint32_t)out, (uint32_t)in, key);
+// Whether mask_args describes a valid mask: 0 <= out, in; out * in < 2^31; 0 <= n <= out * in.
+bool valid_mask(const randmask_mask_args_t* a) {
+    const int64_t max = (int64_t)RANDMASK_MAX_ENTRIES;
+    return a->out >= 0 && a->in >= 0 && a->out <= max && a->in <= max && a->out * a->in <= max && a->n >= 0 &&
+           a->n <= a->out * a->in;
+}
+
+// The mask of a valid mask_args with n > 0 (so out, in > 0).
+randmask_mask_t make_mask(const randmask_mask_args_t* a) {
+    return randmask_mask_init((uint32_t)a->out, (uint32_t)a->in, a->key);
 }
 
 // 64-byte aligned scratch, freed on scope exit; data() is null when the allocation failed.
@@ -111,10 +114,9 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // The transposes: dst[f * ld + t] = float(src[(t0 + t) * st + f * sc]) for f < features, t < tc, and zero for
 // tc <= t < ld. Called inside a parallel region: threads split the chunk in tiles of kTokenTile tokens x
 // kFeatureSpan features, token tile by token tile (a thread's static share is a run of whole token rows). In a
-// training step x is cold (the forward wrote it long before), and the transposes of cold inputs were half of a
-// call's time on the 135M shapes; a tile reads 16 rows in runs of 4 KiB that the hardware prefetcher follows, where
-// blocks of 64 features read 256-byte runs: 5-16% faster per call with cold caches on one thread, the same with
-// warm ones (bench_masked_grad.py --cold --native-lib, 2-core AMD EPYC; BENCHMARKS.md). Within a tile, scalar
+// training step x is cold (the forward wrote it long before), so the transposes read from memory: a tile reads 16
+// rows in runs of 4 KiB, which the hardware prefetcher follows (blocks of 64 features, read in 256-byte runs, were
+// slower with cold inputs: bench_masked_grad.py --cold, BENCHMARKS.md). Within a tile, scalar
 // (portable: reads of a row-major source are contiguous runs and every written line of dst is filled whole) or 8 x 8
 // register transposes (AVX2: 8 loads, 24 in-register shuffles, 8 aligned stores; fp16/bf16 widened on load), the
 // latter when the features are contiguous (sc == 1) and the CPU has AVX2 + F16C.
@@ -508,7 +510,7 @@ void with_dtype(int d, F&& f) {
 // The masked gradient without the transposes, for a handful of slots: each slot reads its column of x and of
 // grad_y straight from the (T, features) inputs (strided loads, 4 partial sums), threads over slots. It costs
 // ~2 * n * T scattered loads against the ~(in + out) * T element moves of the transposes, so it wins while n is
-// a small fraction of in + out (kDirectRatio, measured).
+// a small fraction of in + out (kDirectRatio; the crossover is in BENCHMARKS.md, designs tried and dropped).
 template <int XD, int GD>
 void masked_grad_direct(const randmask_mask_t& m, const void* x, int64_t x_st, int64_t x_sc, const void* gy,
                         int64_t gy_st, int64_t gy_sc, int64_t tokens, int64_t n, float* g, int nt) {
@@ -528,11 +530,6 @@ void masked_grad_direct(const randmask_mask_t& m, const void* x, int64_t x_st, i
         for (; t < tokens; ++t) s0 += load_f32<GD>(gy, t * gy_st + go) * load_f32<XD>(x, t * x_st + xo);
         g[k] = (s0 + s1) + (s2 + s3);
     }
-}
-
-int env_int(const char* name, int fallback) {
-    const char* v = std::getenv(name);
-    return v && *v ? std::atoi(v) : fallback;
 }
 
 // Sparse update: weight[r_k, c_k] = round_WD(float(base[k]) + delta[k]) for k < n, nothing else written (sigma is a
@@ -588,12 +585,13 @@ int randmask_cpu_select_isa(const char* name) {
     return RANDMASK_OK;
 }
 
-int randmask_cpu_positions(int64_t out, int64_t in, int64_t n, uint64_t key, int64_t* rows, int64_t* cols,
-                           int nthreads) {
-    if (n < 0 || out < 0 || in < 0 || n > out * in || (n && (!rows || !cols))) return RANDMASK_EINVAL;
+int randmask_cpu_positions(const randmask_mask_args_t* mask_args, int64_t* rows, int64_t* cols, int nthreads) {
+    if (!mask_args) return RANDMASK_EINVAL;
+    const int64_t n = mask_args->n;
+    if (n && (!rows || !cols)) return RANDMASK_EINVAL;
+    if (!valid_mask(mask_args)) return RANDMASK_EINVAL;
     if (n == 0) return RANDMASK_OK;
-    const randmask_mask_t m = make_mask(out, in, n, key);
-    if (!m.numel) return RANDMASK_EINVAL;
+    const randmask_mask_t m = make_mask(mask_args);
     const int nt = threads_for(nthreads);
     const PosFn pos = g_isa.pos;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (n > 4 * kPosBlock)
@@ -609,19 +607,25 @@ int randmask_cpu_positions(int64_t out, int64_t in, int64_t n, uint64_t key, int
     return RANDMASK_OK;
 }
 
-int randmask_cpu_masked_grad(const void* x, int x_dtype, int64_t x_st, int64_t x_sc, const void* grad_y,
-                             int gy_dtype, int64_t gy_st, int64_t gy_sc, int64_t tokens, int64_t in, int64_t out,
-                             int64_t n, uint64_t key, float* g, int nthreads) {
-    if (!valid_dtype(x_dtype) || !valid_dtype(gy_dtype)) return RANDMASK_EDTYPE;
-    if (n < 0 || tokens < 0 || out < 0 || in < 0 || n > out * in || (n && !g)) return RANDMASK_EINVAL;
+int randmask_cpu_masked_grad(const randmask_matrix_t* x_view, const randmask_matrix_t* gy_view,
+                             const randmask_mask_args_t* mask_args, float* g, int nthreads) {
+    if (!x_view || !gy_view || !mask_args) return RANDMASK_EINVAL;
+    if (!valid_dtype(x_view->dtype) || !valid_dtype(gy_view->dtype)) return RANDMASK_EDTYPE;
+    const int64_t n = mask_args->n, tokens = x_view->rows, in = mask_args->in, out = mask_args->out;
+    if (gy_view->rows != tokens || x_view->cols != in || gy_view->cols != out || tokens < 0 || (n && !g))
+        return RANDMASK_EINVAL;
+    if (!valid_mask(mask_args)) return RANDMASK_EINVAL;
     if (n == 0) return RANDMASK_OK;
-    const randmask_mask_t m = make_mask(out, in, n, key);
-    if (!m.numel) return RANDMASK_EINVAL;
+    const randmask_mask_t m = make_mask(mask_args);
     std::memset(g, 0, sizeof(float) * (size_t)n);
     if (tokens == 0) return RANDMASK_OK;
+    const void* x = x_view->data;
+    const void* grad_y = gy_view->data;
     if (!x || !grad_y) return RANDMASK_EINVAL;
-    const int64_t direct_ratio = env_int("RANDMASK_NATIVE_DIRECT", kDirectRatio);
-    if (direct_ratio > 0 && direct_ratio * n < in + out) {
+    const int x_dtype = x_view->dtype, gy_dtype = gy_view->dtype;
+    const int64_t x_st = x_view->stride_r, x_sc = x_view->stride_c, gy_st = gy_view->stride_r,
+                  gy_sc = gy_view->stride_c;
+    if (kDirectRatio * n < in + out) {
         const int nt = threads_for(nthreads);
         with_dtype(x_dtype, [&](auto xd) {
             with_dtype(gy_dtype, [&](auto gd) {
@@ -637,14 +641,11 @@ int randmask_cpu_masked_grad(const void* x, int x_dtype, int64_t x_st, int64_t x
         const bool fast = g_isa.fast_transpose;
         int nt = threads_for(nthreads);
         if ((n + in + out) * tokens < kSerialWork) nt = 1;  // dot products plus transposes
-        // Tokens per chunk: both transposed copies within kChunkBytes. RANDMASK_NATIVE_CHUNK / _SORT / _DIRECT
-        // override the chunk, the row sort (0/1) and the direct-path ratio: for benchmarks, not for users.
-        int64_t chunk = env_int("RANDMASK_NATIVE_CHUNK", 0);
-        if (chunk <= 0) chunk = std::clamp<int64_t>(kChunkBytes / (4 * (in + out)), kMinChunk, kMaxChunk);
+        // Tokens per chunk: both transposed copies within kChunkBytes.
+        int64_t chunk = std::clamp<int64_t>(kChunkBytes / (4 * (in + out)), kMinChunk, kMaxChunk);
         chunk = std::min(round_up(chunk, kAlign), round_up(tokens, kAlign));
         // Group slots by row (counting sort) when rows hold a few slots on average; otherwise slot order.
-        const int sort_mode = env_int("RANDMASK_NATIVE_SORT", -1);
-        const bool sort = sort_mode >= 0 ? sort_mode > 0 : n >= 2 * out;
+        const bool sort = n >= 2 * out;
         Scratch tbuf(sizeof(float) * (size_t)((in + out) * chunk));
         Scratch pbuf(sizeof(uint32_t) * (size_t)n * (sort ? 5 : 2));
         Scratch hbuf(sort ? sizeof(int64_t) * (size_t)(nt * out) : 0);
@@ -711,36 +712,46 @@ int randmask_cpu_masked_grad(const void* x, int x_dtype, int64_t x_st, int64_t x
     return RANDMASK_OK;
 }
 
-int randmask_cpu_gather_weight(const void* weight, int w_dtype, int64_t w_sr, int64_t w_sc, int64_t out, int64_t in,
-                               int64_t n, uint64_t key, void* base, int nthreads) {
-    if (!valid_dtype(w_dtype)) return RANDMASK_EDTYPE;
-    if (n < 0 || out < 0 || in < 0 || n > out * in || (n && (!weight || !base))) return RANDMASK_EINVAL;
+int randmask_cpu_gather_weight(const randmask_matrix_t* weight, const randmask_mask_args_t* mask_args,
+                               const randmask_vector_t* base, int nthreads) {
+    if (!weight || !mask_args || !base) return RANDMASK_EINVAL;
+    if (!valid_dtype(weight->dtype) || base->dtype != weight->dtype) return RANDMASK_EDTYPE;
+    const int64_t n = mask_args->n;
+    if (weight->rows != mask_args->out || weight->cols != mask_args->in || base->length != n ||
+        (n && (!weight->data || !base->data)))
+        return RANDMASK_EINVAL;
+    if (!valid_mask(mask_args)) return RANDMASK_EINVAL;
     if (n == 0) return RANDMASK_OK;
-    const randmask_mask_t m = make_mask(out, in, n, key);
-    if (!m.numel) return RANDMASK_EINVAL;
+    const randmask_mask_t m = make_mask(mask_args);
     const int nt = threads_for(nthreads);
-    if (dtype_size(w_dtype) == 4)
-        gather_impl(m, g_isa.pos, static_cast<const uint32_t*>(weight), w_sr, w_sc, static_cast<uint32_t*>(base), n,
-                    nt);
+    if (dtype_size(weight->dtype) == 4)
+        gather_impl(m, g_isa.pos, static_cast<const uint32_t*>(weight->data), weight->stride_r, weight->stride_c,
+                    static_cast<uint32_t*>(base->data), n, nt);
     else
-        gather_impl(m, g_isa.pos, static_cast<const uint16_t*>(weight), w_sr, w_sc, static_cast<uint16_t*>(base), n,
-                    nt);
+        gather_impl(m, g_isa.pos, static_cast<const uint16_t*>(weight->data), weight->stride_r, weight->stride_c,
+                    static_cast<uint16_t*>(base->data), n, nt);
     return RANDMASK_OK;
 }
 
-int randmask_cpu_sparse_update(void* weight, int w_dtype, int64_t w_sr, int64_t w_sc, int64_t out, int64_t in,
-                               const void* base, int base_dtype, const float* delta, int64_t n, uint64_t key,
-                               int nthreads) {
-    if (!valid_dtype(w_dtype) || !valid_dtype(base_dtype)) return RANDMASK_EDTYPE;
-    if (n < 0 || out < 0 || in < 0 || n > out * in || (n && (!weight || !base || !delta))) return RANDMASK_EINVAL;
+int randmask_cpu_sparse_update(const randmask_matrix_t* weight, const randmask_vector_t* base,
+                               const randmask_vector_t* delta, const randmask_mask_args_t* mask_args, int nthreads) {
+    if (!weight || !base || !delta || !mask_args) return RANDMASK_EINVAL;
+    if (!valid_dtype(weight->dtype) || !valid_dtype(base->dtype) || delta->dtype != RANDMASK_F32)
+        return RANDMASK_EDTYPE;
+    const int64_t n = mask_args->n;
+    if (weight->rows != mask_args->out || weight->cols != mask_args->in || base->length != n || delta->length != n ||
+        (n && (!weight->data || !base->data || !delta->data)))
+        return RANDMASK_EINVAL;
+    if (!valid_mask(mask_args)) return RANDMASK_EINVAL;
     if (n == 0) return RANDMASK_OK;
-    const randmask_mask_t m = make_mask(out, in, n, key);
-    if (!m.numel) return RANDMASK_EINVAL;
+    const randmask_mask_t m = make_mask(mask_args);
     const int nt = threads_for(nthreads);
     const PosFn pos = g_isa.pos;
-    with_dtype(w_dtype, [&](auto wd) {
-        with_dtype(base_dtype, [&](auto bd) {
-            update_impl<decltype(wd)::value, decltype(bd)::value>(m, pos, weight, w_sr, w_sc, base, delta, n, nt);
+    const float* d = static_cast<const float*>(delta->data);
+    with_dtype(weight->dtype, [&](auto wd) {
+        with_dtype(base->dtype, [&](auto bd) {
+            update_impl<decltype(wd)::value, decltype(bd)::value>(m, pos, weight->data, weight->stride_r,
+                                                                  weight->stride_c, base->data, d, n, nt);
         });
     });
     return RANDMASK_OK;

@@ -1,4 +1,4 @@
-/* randmask_dtype.h: fp16 / bf16 <-> fp32 conversions, integer-only (C99, C++, CUDA host and device).
+/* randmask_dtype.h: fp16 / bf16 <-> fp32 conversions, integer-only (C99 and C++).
  *
  * Widening (fp16/bf16 -> fp32) is exact. Narrowing rounds to nearest, ties to even, like torch's
  * tensor.to(torch.float16 / torch.bfloat16): overflow goes to +-inf, fp16 subnormals are produced exactly, NaN stays
@@ -13,11 +13,7 @@
 #include <string.h>
 
 #ifndef RANDMASK_FN
-#ifdef __CUDACC__
-#define RANDMASK_FN __host__ __device__ __forceinline__
-#else
 #define RANDMASK_FN static inline
-#endif
 #endif
 
 RANDMASK_FN uint32_t randmask_f32_bits(float f) {

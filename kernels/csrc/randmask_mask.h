@@ -1,4 +1,4 @@
-/* randmask_mask.h: mask addressing, scheme 1, header-only (C99, C++, CUDA).
+/* randmask_mask.h: mask addressing, scheme 1, header-only (C99 and C++).
  *
  * A matrix of shape (out, in) has N = out*in < 2^31 positions, flat index p = r*in + c. For a layer key (uint64)
  * sigma is a keyed permutation of [0, N): slot k in [0, n) is the trainable position sigma(k), and position p is
@@ -20,19 +20,13 @@
  *            return a*B + b
  *     sigma(k) = P(k), then P again while >= N (cycle-walking);
  *     sigma^-1 runs the rounds backwards (i = 5..0) with subtraction, also cycle-walking.
- *
- * Under nvcc every function is __host__ __device__ __forceinline__; elsewhere static inline.
  */
 #ifndef RANDMASK_MASK_H
 #define RANDMASK_MASK_H
 
 #include <stdint.h>
 
-#ifdef __CUDACC__
-#define RANDMASK_FN __host__ __device__ __forceinline__
-#else
 #define RANDMASK_FN static inline
-#endif
 
 #define RANDMASK_MASK_SCHEME 1
 #define RANDMASK_ROUNDS 6
@@ -41,8 +35,8 @@
 #define RANDMASK_FMIX_C1 0x85EBCA6Bu
 #define RANDMASK_FMIX_C2 0xC2B2AE35u
 
-/* Everything one (shape, key) needs: 6 round keys, the Feistel radices and the matrix shape. Plain data (24+20
- * bytes), cheap to pass by value as a CUDA kernel argument. */
+/* Everything one (shape, key) needs: 6 round keys, the Feistel radices and the matrix shape. Plain data (44 bytes),
+ * cheap to pass by value. */
 typedef struct randmask_mask {
     uint32_t rk[RANDMASK_ROUNDS]; /* round keys rk_0..rk_5 */
     uint32_t a, b;                /* A = ceil(sqrt(N)), B = ceil(N / A) */

@@ -39,6 +39,7 @@ struct Strided {
     std::vector<uint16_t> h16;
     const void* data() const { return dtype == RANDMASK_F32 ? (const void*)f32.data() : (const void*)h16.data(); }
     void* data() { return dtype == RANDMASK_F32 ? (void*)f32.data() : (void*)h16.data(); }
+    randmask_matrix_t view() const { return {const_cast<void*>(data()), dtype, rows, cols, sr, sc}; }
     float at(int64_t r, int64_t c) const {
         const int64_t i = r * sr + c * sc;
         if (dtype == RANDMASK_F32) return randmask_f32_from_bits(f32[i]);
@@ -75,8 +76,9 @@ void check_masked_grad(int64_t out, int64_t in, int64_t n, int64_t tokens, int x
     const Strided x = make(xd, tokens, in, strided, strided ? 2 : 1, rng);
     const Strided gy = make(gd, tokens, out, false, strided ? 3 : 1, rng);
     std::vector<float> g((size_t)n + 1, -1.f);
-    const int status = randmask_cpu_masked_grad(x.data(), xd, x.sr, x.sc, gy.data(), gd, gy.sr, gy.sc, tokens, in,
-                                                out, n, kKey, g.data(), 0);
+    const randmask_matrix_t xv = x.view(), gv = gy.view();
+    const randmask_mask_args_t mask = {out, in, n, kKey};
+    const int status = randmask_cpu_masked_grad(&xv, &gv, &mask, g.data(), 0);
     CHECK(status == RANDMASK_OK, "masked_grad %lldx%lld n=%lld T=%lld: status %d", (long long)out, (long long)in,
           (long long)n, (long long)tokens, status);
     if (status != RANDMASK_OK) return;
@@ -109,7 +111,10 @@ void check_weight_ops(int64_t out, int64_t in, int64_t n, int wd, int bd, bool t
     std::vector<uint32_t> base32((size_t)n + 1, 0xDEADBEEFu);
     std::vector<uint16_t> base16((size_t)n + 1, 0xBEEFu);
     void* gathered = wd == RANDMASK_F32 ? (void*)base32.data() : (void*)base16.data();
-    int status = randmask_cpu_gather_weight(w.data(), wd, w.sr, w.sc, out, in, n, kKey, gathered, 0);
+    const randmask_matrix_t wv = w.view();
+    const randmask_mask_args_t mask = {out, in, n, kKey};
+    const randmask_vector_t gathered_v = {gathered, wd, n};
+    int status = randmask_cpu_gather_weight(&wv, &mask, &gathered_v, 0);
     CHECK(status == RANDMASK_OK, "gather status %d", status);
     const randmask_mask_t m = randmask_mask_init((uint32_t)out, (uint32_t)in, kKey);
     for (int64_t k = 0; k < n && status == RANDMASK_OK; ++k) {
@@ -125,7 +130,8 @@ void check_weight_ops(int64_t out, int64_t in, int64_t n, int wd, int bd, bool t
     Strided base = make(bd, 1, n > 0 ? n : 1, false, 1, rng);
     std::vector<float> delta((size_t)(n > 0 ? n : 1));
     for (auto& d : delta) d = 1e-2f * normal(rng);
-    status = randmask_cpu_sparse_update(w.data(), wd, w.sr, w.sc, out, in, base.data(), bd, delta.data(), n, kKey, 0);
+    const randmask_vector_t base_v = {const_cast<void*>(base.data()), bd, n}, delta_v = {delta.data(), RANDMASK_F32, n};
+    status = randmask_cpu_sparse_update(&wv, &base_v, &delta_v, &mask, 0);
     CHECK(status == RANDMASK_OK, "sparse_update status %d", status);
     std::vector<char> touched((size_t)(out * in), 0);
     for (int64_t k = 0; k < n; ++k) {
@@ -153,7 +159,8 @@ void check_weight_ops(int64_t out, int64_t in, int64_t n, int wd, int bd, bool t
 
 void check_positions(int64_t out, int64_t in, int64_t n) {
     std::vector<int64_t> rows((size_t)n + 1), cols((size_t)n + 1);
-    const int status = randmask_cpu_positions(out, in, n, kKey, rows.data(), cols.data(), 0);
+    const randmask_mask_args_t mask = {out, in, n, kKey};
+    const int status = randmask_cpu_positions(&mask, rows.data(), cols.data(), 0);
     CHECK(status == RANDMASK_OK, "positions status %d", status);
     const randmask_mask_t m = randmask_mask_init((uint32_t)out, (uint32_t)in, kKey);
     for (int64_t k = 0; k < n; ++k) {
@@ -227,14 +234,24 @@ int main() {
     }
     // bad arguments are refused, not dereferenced
     float g = 0.f;
-    CHECK(randmask_cpu_masked_grad(nullptr, 0, 1, 1, nullptr, 0, 1, 1, 4, 3, 3, 10, kKey, &g, 0) == RANDMASK_EINVAL,
-          "n > out * in accepted");
-    CHECK(randmask_cpu_masked_grad(&g, 7, 1, 1, &g, 0, 1, 1, 1, 1, 1, 1, kKey, &g, 0) == RANDMASK_EDTYPE,
-          "bad dtype accepted");
-    CHECK(randmask_cpu_sparse_update(nullptr, 0, 1, 1, 3, 3, nullptr, 0, nullptr, 2, kKey, 0) == RANDMASK_EINVAL,
-          "null pointers accepted");
-    CHECK(randmask_cpu_gather_weight(nullptr, 0, 1, 1, 70000, 70000, 1, kKey, nullptr, 0) == RANDMASK_EINVAL,
+    const randmask_matrix_t none = {nullptr, RANDMASK_F32, 4, 3, 3, 1}, none_out = {nullptr, RANDMASK_F32, 4, 3, 3, 1};
+    const randmask_mask_args_t too_many = {3, 3, 10, kKey};
+    CHECK(randmask_cpu_masked_grad(&none, &none_out, &too_many, &g, 0) == RANDMASK_EINVAL, "n > out * in accepted");
+    const randmask_matrix_t bad_dtype = {&g, 7, 1, 1, 1, 1}, one = {&g, RANDMASK_F32, 1, 1, 1, 1};
+    const randmask_mask_args_t single = {1, 1, 1, kKey};
+    CHECK(randmask_cpu_masked_grad(&bad_dtype, &one, &single, &g, 0) == RANDMASK_EDTYPE, "bad dtype accepted");
+    const randmask_matrix_t three = {&g, RANDMASK_F32, 3, 3, 3, 1};
+    CHECK(randmask_cpu_masked_grad(&one, &three, &single, &g, 0) == RANDMASK_EINVAL, "mismatched shapes accepted");
+    const randmask_matrix_t null_w = {nullptr, RANDMASK_F32, 3, 3, 3, 1};
+    const randmask_vector_t null_v = {nullptr, RANDMASK_F32, 2};
+    const randmask_mask_args_t two = {3, 3, 2, kKey};
+    CHECK(randmask_cpu_sparse_update(&null_w, &null_v, &null_v, &two, 0) == RANDMASK_EINVAL, "null pointers accepted");
+    const randmask_matrix_t huge = {nullptr, RANDMASK_F32, 70000, 70000, 70000, 1};
+    const randmask_mask_args_t huge_mask = {70000, 70000, 1, kKey};
+    const randmask_vector_t one_v = {&g, RANDMASK_F32, 1};
+    CHECK(randmask_cpu_gather_weight(&huge, &huge_mask, &one_v, 0) == RANDMASK_EINVAL,
           "a matrix of 2^32 entries accepted");
+    CHECK(randmask_cpu_positions(nullptr, nullptr, nullptr, 0) == RANDMASK_EINVAL, "a null mask accepted");
 
     if (failures) {
         std::printf("%d failure(s)\n", failures);

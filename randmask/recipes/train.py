@@ -1,0 +1,333 @@
+"""Training one method for `randmask finetune`: the recipe of the paper (Xu & Zhang 2024, on MeZO's setup).
+
+    auto_lr(method, ratio)        the learning rate when --lr is auto, and its rule in words
+    ThreadGovernor, start_governor  CPU threads lowered while other processes keep cores busy
+    train_batches(...)            one epoch's shuffled index batches, optionally grouped by prompt length
+    evaluate(model, items, ...)   accuracy and mean option loss on encoded items
+    apply_method(model, method)   randmask (RandMaskConfig on the targets), lora (PEFT) or full; the trainable params
+    make_optimizer(method, ...)   AdamW (betas 0.9, 0.999, eps 1e-8, weight decay 0); MaskedAdamW for randmask
+    snapshot / restore_snapshot   the best epoch's trainable values, kept and written back
+    save_trained(model, method)   the adapter file (randmask), the PEFT adapter directory or the full model
+    train_one(method, model, ...) all of it for one method: constant LR, no warmup, gradient clipping, dev accuracy
+                                  after every epoch, the best epoch restored, the test accuracy, the saved values
+
+`s` everywhere is a randmask.recipes.finetune.Settings.
+"""
+import math
+import os
+import random
+import shutil
+import time
+
+import torch
+
+import randmask
+from randmask.recipes import FinetuneError, report
+from randmask.recipes import data as D
+
+__all__ = ["METHODS", "DEFAULT_RATIO", "auto_lr", "ThreadGovernor", "start_governor", "train_batches", "evaluate",
+           "apply_method", "make_optimizer", "snapshot", "restore_snapshot", "save_trained", "train_one"]
+
+PEFT_PIP = "pip install peft"
+METHODS = ("randmask", "lora", "full")
+DEFAULT_RATIO = 1e-4  # the paper's headline setting: 0.01% of the model
+
+
+# ---------------------------------------------------------------------------------------------------- LR rule
+# Fitted to the best dev learning rates of the reproduction study (studies/study_finetune.py; its numbers are in
+# docs/reproduction.md and studies/results/study_finetune.md): for randmask on q,v the best LR grew like
+# ratio ** -0.75 (the paper: ~ratio ** -1). LoRA r=8 and full fine-tuning take their best dev LRs in that study.
+LR_ANCHOR_RATIO = 1e-4
+LR_ANCHOR = 0.15
+LR_EXPONENT = 0.75
+LR_MAX = 1.0  # the study's sparsest setting wanted this; larger steps diverged there
+LR_LORA = 3e-3
+LR_FULL = 1e-4
+
+
+def auto_lr(method: str, trainable_ratio: float | None = None) -> tuple[float, str]:
+    """(learning rate, the rule in words) for a method; randmask needs its trainable ratio (a share of the whole
+    model): lr = 0.15 * (1e-4 / ratio) ** 0.75, capped at 1."""
+    if method == "lora":
+        return LR_LORA, f"lora: {LR_LORA:g} (best on dev in studies/study_finetune.py)"
+    if method == "full":
+        return LR_FULL, f"full: {LR_FULL:g} (best on dev in studies/study_finetune.py)"
+    if method != "randmask":
+        raise FinetuneError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if trainable_ratio is None or not trainable_ratio > 0:
+        raise FinetuneError("the randmask learning-rate rule needs a positive trainable ratio")
+    raw = LR_ANCHOR * (LR_ANCHOR_RATIO / trainable_ratio) ** LR_EXPONENT
+    lr = min(LR_MAX, raw)
+    rule = (f"randmask: lr = {LR_ANCHOR:g} * ({LR_ANCHOR_RATIO:g} / ratio) ** {LR_EXPONENT:g} = {LR_ANCHOR:g} * "
+            f"({LR_ANCHOR_RATIO:g} / {trainable_ratio:.3g}) ** {LR_EXPONENT:g} = {raw:.3g}")
+    if lr != raw:
+        rule += f", capped at {LR_MAX:g}"
+    return lr, rule + (" (best LR ~ 1/ratio**0.75, fitted to the best dev LRs in studies/study_finetune.py; "
+                       "the paper: ~1/ratio)")
+
+
+# ---------------------------------------------------------------------------------------------------- threads
+class ThreadGovernor:
+    """Default CPU threading (no --threads): torch's thread count, lowered while other processes keep cores busy.
+
+    With every core running one of torch's OpenMP threads, a process that takes one core away stalls each parallel
+    op until the descheduled thread runs again, so a step can take many times longer, while fewer threads than free
+    cores keep their pace. So every `interval` seconds (checked between steps and evaluation batches) the governor
+    reads /proc/stat and this process's CPU time, estimates how many cores OTHER processes used since the last
+    check, and sets torch's threads to round(cores - others), between 1 and the starting count. Linux only;
+    elsewhere (or with --threads) it does nothing."""
+
+    def __init__(self, log=print, interval: float = 5.0, sample=None):
+        self.log, self.interval = log, interval
+        self.max = torch.get_num_threads()
+        self.cores = os.cpu_count() or 1
+        self.sample = sample or self._proc_stat
+        self.changes = 0
+        self.next_check = time.monotonic() + interval
+        self.last = self.sample()
+        self.enabled = self.last is not None and self.max > 1
+
+    @staticmethod
+    def _proc_stat():
+        """(time s, total jiffies, idle jiffies, this process's CPU s) or None off Linux."""
+        try:
+            with open("/proc/stat") as f:
+                values = [int(v) for v in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        cpu = os.times()
+        return time.monotonic(), sum(values), values[3] + values[4], cpu.user + cpu.system
+
+    def start(self, wait: float = 0.3) -> None:
+        """Measure for `wait` seconds now (the machine before our work) and set the threads."""
+        if self.enabled:
+            time.sleep(wait)
+            self.tick(force=True)
+
+    def tick(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now < self.next_check:
+            return
+        self.next_check = now + self.interval
+        current = self.sample()
+        t0, total0, idle0, own0 = self.last
+        t1, total1, idle1, own1 = current
+        self.last = current
+        if total1 <= total0 or t1 <= t0:
+            return
+        busy_cores = (1 - (idle1 - idle0) / (total1 - total0)) * self.cores
+        others = max(0.0, busy_cores - (own1 - own0) / (t1 - t0))
+        want = max(1, min(self.max, round(self.cores - others)))
+        if want != torch.get_num_threads():
+            self.changes += 1
+            self.log(f"threads: {torch.get_num_threads()} -> {want} (other processes use {others:.1f} of "
+                     f"{self.cores} cores)")
+            torch.set_num_threads(want)
+
+
+class _NoGovernor:
+    changes = 0
+
+    def tick(self, force=False):
+        pass
+
+
+def start_governor(s, log):
+    """The governor run() uses: a started ThreadGovernor on the CPU without --threads, else one that does nothing;
+    logs the thread count it starts with."""
+    governor = _NoGovernor()
+    if not s.threads and s.device == "cpu":
+        governor = ThreadGovernor(report.bar_safe(log) if s.progress else log)
+        governor.start()
+    log(f"threads: {torch.get_num_threads()}" + (" (lowered while other processes keep cores busy)"
+                                                 if isinstance(governor, ThreadGovernor) and governor.enabled
+                                                 else ""))
+    return governor
+
+
+# ---------------------------------------------------------------------------------------------------- batches
+def train_batches(items, batch_size, rng, group_by_length):
+    """Index batches for one epoch. Shuffled; with group_by_length the shuffled order is cut into windows of 16
+    batches, each window sorted by prompt length and cut into batches, and the batches shuffled again (as
+    transformers' group_by_length): similar lengths share a batch, so less compute goes to padding."""
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    if not group_by_length:
+        return list(_batches(order, batch_size))
+    window = 16 * batch_size
+    batches = []
+    for i in range(0, len(order), window):
+        chunk = sorted(order[i:i + window], key=lambda j: len(items[j]["prompt"]))
+        batches.extend(_batches(chunk, batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def _batches(items, size):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@torch.no_grad()
+def evaluate(model, items, batch_size, pad_id, progress=False, desc="eval", governor=None) -> dict:
+    """Accuracy and mean loss on encoded items. Items are batched by length (fewer pad tokens); the result does not
+    depend on the order."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["prompt"]))
+    correct, loss_sum = 0, 0.0
+    batches = list(_batches([items[i] for i in order], batch_size))
+    for chunk in report.progress(batches, progress, desc=desc, unit="batch", leave=False):
+        if governor is not None:
+            governor.tick()
+        batch = D.collate(chunk, pad_id)
+        scores = D.option_scores(model, batch)
+        labels = batch["labels"].to(scores.device)
+        correct += int((scores.argmax(1) == labels).sum())
+        loss_sum += float(D.option_loss(scores, labels)) * len(chunk)
+    model.train(was_training)
+    return {"accuracy": correct / max(len(items), 1), "loss": loss_sum / max(len(items), 1), "n": len(items)}
+
+
+# ---------------------------------------------------------------------------------------------------- methods
+def apply_method(model, method: str, s, log):
+    """Apply the method; returns (model, trainable params, info dict)."""
+    total = sum(p.numel() for p in model.parameters())
+    targets = "all-linear" if tuple(s.targets) == ("all-linear",) else tuple(s.targets)
+    if method == "randmask":
+        ratio = None if s.density is not None else (s.trainable_ratio or DEFAULT_RATIO)
+        cfg = randmask.RandMaskConfig(density=s.density, trainable_ratio=ratio, target_modules=targets,
+                                      seed=s.seed)
+        try:
+            randmask.apply(model, cfg)
+        except ValueError as exc:
+            raise FinetuneError(f"randmask: {exc}") from None
+        info = {"config": cfg.to_dict()}
+    elif method == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise D.MissingPackageError(f"--method lora needs the pip package peft: run `{PEFT_PIP}`") from None
+        cfg = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                         target_modules=targets if isinstance(targets, str) else list(targets))
+        try:
+            model = get_peft_model(model, cfg)
+        except ValueError as exc:
+            raise FinetuneError(f"lora: {exc}") from None
+        info = {"config": {"r": s.lora_r, "lora_alpha": s.lora_alpha,
+                           "target_modules": targets if isinstance(targets, str) else list(targets)}}
+    else:
+        model.requires_grad_(True)
+        info = {"config": {}}
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    info.update(trainable=trainable, total_params=total, trainable_ratio=trainable / total)
+    return model, params, info
+
+
+def make_optimizer(method, params, lr):
+    if method == "randmask":  # AdamW with the merged-weight write fused in
+        return randmask.MaskedAdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def restore_snapshot(model, snap) -> None:
+    for n, p in model.named_parameters():
+        if n in snap:
+            p.copy_(snap[n])
+    for _, layer in randmask.masked_layers(model):
+        layer.sync()  # write W0 + delta for the restored deltas now
+
+
+def save_trained(model, method, out_dir) -> tuple[str, int]:
+    """Write the trained values; returns (path, bytes on disk)."""
+    if method == "randmask":
+        path = os.path.join(out_dir, "randmask_adapter.safetensors")
+        randmask.save_adapter(model, path)
+        return path, os.path.getsize(path)
+    path = os.path.join(out_dir, "lora_adapter" if method == "lora" else "full_model")
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    model.save_pretrained(path)
+    size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+    return path, size
+
+
+# ---------------------------------------------------------------------------------------------------- one method
+def train_one(method, model, tokenizer_pad, train, dev, test, s, log, governor=None) -> dict:
+    """Train `method` on the encoded `train` items, keep the best epoch on `dev`, evaluate on `test` and save the
+    trained values to s.output_dir; returns the method's record (the "methods" entries of metrics.json)."""
+    governor = governor or _NoGovernor()
+    start = time.perf_counter()
+    report.reset_peak_rss()  # this method's peak, not an earlier one's
+    model, params, info = apply_method(model, method, s, log)
+    if s.lr == "auto":
+        # randmask: the ratio asked for (the counts round it a little), else the share --density gives
+        lr, rule = auto_lr(method, s.trainable_ratio or (info["trainable_ratio"] if s.density else DEFAULT_RATIO))
+        log(f"[{method}] learning rate {lr:.3g} from the rule {rule}")
+    else:
+        lr, rule = float(s.lr), "given with --lr"
+        log(f"[{method}] learning rate {lr:g} (given)")
+    log(f"[{method}] trainable {info['trainable']:,} of {info['total_params']:,} parameters "
+        f"({100 * info['trainable_ratio']:.4f}%)")
+    opt = make_optimizer(method, params, lr)
+    rng = random.Random(s.seed)
+    losses, dev_hist, best = [], [], None
+    steps_per_epoch = math.ceil(len(train) / s.batch_size)
+    train_time = 0.0
+    model.train()
+    for epoch in range(1, s.epochs + 1):
+        t0 = time.perf_counter()
+        batches = train_batches(train, s.batch_size, rng, s.group_by_length)
+        bar = report.progress(batches, s.progress, desc=f"[{method}] epoch {epoch}/{s.epochs}", unit="step",
+                              total=steps_per_epoch)
+        for idx in bar:
+            governor.tick()
+            batch = D.collate([train[i] for i in idx], tokenizer_pad)
+            loss = D.option_loss(D.option_scores(model, batch), batch["labels"])
+            if not torch.isfinite(loss):
+                raise FinetuneError(f"[{method}] the loss became {float(loss)} at step {len(losses) + 1}: "
+                                    f"lower the learning rate (now {lr:g})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.clip and s.clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, s.clip)
+            opt.step()
+            losses.append(loss.item())
+            if s.progress:
+                bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        train_time += time.perf_counter() - t0
+        ev = evaluate(model, dev, s.eval_batch_size, tokenizer_pad, s.progress, f"[{method}] dev",
+                      governor) if dev else None
+        mean_loss = sum(losses[-steps_per_epoch:]) / steps_per_epoch
+        dev_hist.append({"epoch": epoch, "train_loss": mean_loss, "dev_accuracy": ev and ev["accuracy"],
+                         "dev_loss": ev and ev["loss"], "step": len(losses)})
+        log(f"[{method}] epoch {epoch}: train loss {mean_loss:.4f}"
+            + (f", dev accuracy {ev['accuracy']:.3f} (loss {ev['loss']:.4f})" if ev else ""))
+        if ev is None or best is None or ev["accuracy"] > best[1] or (ev["accuracy"] == best[1] and
+                                                                       ev["loss"] < best[2]):
+            best = (epoch, ev and ev["accuracy"], ev and ev["loss"])
+            snap = snapshot(model) if epoch < s.epochs else None  # the last epoch's values are the model's
+    if best[0] != s.epochs:
+        restore_snapshot(model, snap)
+        log(f"[{method}] restored the best epoch ({best[0]}, dev accuracy {best[1]:.3f})")
+    del snap
+    ev_test = evaluate(model, test, s.eval_batch_size, tokenizer_pad, s.progress, f"[{method}] test", governor)
+    adapter, size = save_trained(model, method, s.output_dir)
+    result = {"method": method, **info, "lr": lr, "lr_rule": rule, "epochs": s.epochs, "steps": len(losses),
+              "best_epoch": best[0], "best_dev_accuracy": best[1], "test_accuracy": ev_test["accuracy"],
+              "test_loss": ev_test["loss"], "history": dev_hist, "train_loss": losses,
+              "train_seconds": train_time, "seconds": time.perf_counter() - start,
+              "seconds_per_step": train_time / max(len(losses), 1), "adapter": os.path.relpath(adapter,
+                                                                                               s.output_dir),
+              "adapter_bytes": size, "peak_rss_mib": report.peak_rss_mib()}
+    if torch.cuda.is_available() and s.device.startswith("cuda"):
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result

