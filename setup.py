@@ -114,5 +114,6 @@ setup(
         # Triton has no wheels for some platforms (macOS, Windows); the torch twins run without it.
         "triton>=3.2; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest"]},
+    # quant: bitsandbytes 4-bit and 8-bit bases (additive mode); 0.50 runs them on the CPU as well as on CUDA.
+    extras_require={"test": ["pytest"], "quant": ["bitsandbytes>=0.50"]},
 )

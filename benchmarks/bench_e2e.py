@@ -3,6 +3,15 @@ dense-masked model, on one Llama-shaped model built from a config, same batch, s
 
     python benchmarks/bench_e2e.py                       # SmolLM2-135M shape, fp32, CPU, batch 4 x 128
     python benchmarks/bench_e2e.py --shape 1b --dtype bfloat16 --device cuda
+    python benchmarks/bench_e2e.py --quantize 4bit --methods frozen,randmask,lora,shira
+    python benchmarks/bench_e2e.py --one-process --methods frozen,randmask,randmask-additive
+
+randmask is randmask.apply with mode "auto" (merged on a plain base), randmask-additive the same values kept beside
+the weight (mode "additive": y = base(x) + S(delta) x). --quantize 4bit / 8bit makes every linear layer but the head a
+bitsandbytes Linear4bit (nf4, double quantization) / Linear8bitLt computing in --dtype, built on "meta" and
+materialized a layer at a time (a 70B shape never exists densely): frozen is then the 4-bit floor, randmask runs
+additive (auto), lora is QLoRA (PEFT's bitsandbytes LoRA layers) and shira PEFT SHiRA on the same base; naive and
+full cannot train a quantized base and are skipped.
 
 Each method runs in its own process (so peak memory is its own): warm-up steps, then the median of timed steps of
 forward + backward + AdamW step (randmask: randmask.MaskedAdamW, the README's optimizer, AdamW with the merged-weight
@@ -13,6 +22,12 @@ fine-tuning do not depend on the targets: each round runs them once and every se
 Reports step time and peak memory as ratios to LoRA and to the frozen floor, and the adapter file size.
 Appends a row per (setting, method, round) to the results dataset (frozen and full with setting null: they belong to
 every setting), then writes the run's tables and plot.
+
+    python benchmarks/bench_e2e.py --device cuda --dtype bfloat16 --quantize 4bit --fits 8b,13b,34b,70b
+
+finds the largest of the shapes (tried largest first) whose q,v randmask step fits on the device (a process each:
+an out-of-memory error is a "does not fit"), and runs QLoRA at that shape for its peak memory beside randmask's
+(bench "fits": a row per shape and method tried).
 
     python benchmarks/bench_e2e.py --one-process --methods frozen,randmask,lora,shira --steps 30 --warmup 3
 
@@ -43,14 +58,25 @@ SHAPES = {  # LlamaConfig arguments
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False),  # Llama-2-13B
+    "34b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),  # CodeLlama-34B
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),  # Llama-3-70B
+    # for the tests; 64 wide: bitsandbytes' CPU 4-bit dequantization is wrong for an in_features that is a multiple
+    # of 16 but not of 64
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True),
 }
 SETTINGS = {  # name: (targets, what sets the trainable count)
     "qv": (["q_proj", "v_proj"], "randmask at trainable_ratio 0.01% of the model; LoRA/SHiRA r=8"),
     "all-linear": (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                    "every method at LoRA r=8's count per matrix"),
 }
-METHODS = ["frozen", "randmask", "lora", "shira", "naive", "full"]
+METHODS = ["frozen", "randmask", "randmask-additive", "lora", "shira", "naive", "full"]
 SETTING_FREE = ("frozen", "full")  # train nothing / everything whatever the targets: run once per round
+DENSE_ONLY = ("naive", "full")  # they write the weights: not on a quantized base
 
 
 def build_model(args):
@@ -59,9 +85,47 @@ def build_model(args):
 
     torch.manual_seed(0)
     config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(2048, args.seq))
-    with torch.device(args.device):
-        model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
+    if args.quantize != "none":
+        model = build_quantized(config, args)
+    else:
+        with torch.device(args.device):
+            model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
     model.requires_grad_(False)
+    return model
+
+
+def build_quantized(config, args):
+    """The model with every linear layer but the head quantized (args.quantize), built on "meta" and materialized on
+    the device one layer at a time, each Linear quantized as soon as it is filled: the dense model never exists."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import LlamaForCausalLM
+
+    from randmask.recipes.models import quantize_linears
+
+    dtype, default = getattr(torch, args.dtype), torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # the meta parameters take the dtype the real ones will have
+    try:
+        # parameters on meta; buffers (the rotary frequencies) computed on the device
+        with torch.device(args.device), init_empty_weights(include_buffers=False):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    std = config.initializer_range
+    quantize_linears(model, int(args.quantize[0]), device=args.device, compute_dtype=dtype,
+                     init=lambda weight: weight.normal_(0.0, std))
+    model.tie_weights()  # a tied head shares the embedding's parameter (built on meta, they came apart)
+    made = {}  # so a shared parameter is materialized once
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if param.is_meta:
+                    if id(param) not in made:
+                        value = torch.empty_like(param, device=args.device)
+                        # Llama's only 1-D parameters are RMSNorm weights
+                        made[id(param)] = torch.nn.Parameter(value.normal_(0.0, std) if value.dim() > 1
+                                                             else value.fill_(1.0), requires_grad=False)
+                    setattr(module, name, made[id(param)])
     return model
 
 
@@ -97,9 +161,13 @@ def prepare(args):
     """(model, step, trainable parameters) for args.method / args.setting, on a fresh model."""
     import torch
 
+    import randmask
+
+    if args.quantize != "none" and args.method in DENSE_ONLY:
+        raise ValueError(f"{args.method} writes the weights, which a --quantize {args.quantize} base cannot hold")
     model = build_model(args)
     targets, _ = SETTINGS[args.setting]
-    total = sum(p.numel() for p in model.parameters())
+    total = randmask.count_parameters(model)  # a 4-bit weight's values, not its packed bytes
     linear = {name: m for name, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets}
     lora_count = sum(8 * (m.in_features + m.out_features) for m in linear.values())
@@ -117,11 +185,10 @@ def prepare(args):
     else:
         import randmask
 
-        if args.setting == "qv":
-            config = randmask.RandMaskConfig(trainable_ratio=1e-4, target_modules=targets)
-        else:
-            config = randmask.RandMaskConfig(trainable_ratio=lora_count / total, target_modules=targets)
-        if args.method == "randmask":
+        mode = "additive" if args.method == "randmask-additive" else "auto"
+        ratio = 1e-4 if args.setting == "qv" else lora_count / total
+        config = randmask.RandMaskConfig(trainable_ratio=ratio, target_modules=targets, mode=mode)
+        if args.method.startswith("randmask"):
             randmask.apply(model, config)
             adamw = randmask.MaskedAdamW
         else:
@@ -144,30 +211,36 @@ def prepare(args):
 
 
 def run_method(args):
-    """One method in this process: prints a JSON line with its measurements."""
+    """One method in this process: prints a JSON line with its measurements ({"oom": true} when the device ran out
+    of memory: the step does not fit)."""
     import torch
 
-    model, step, trainable = prepare(args)
-    adapter_bytes = None
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.steps):
-        synchronize(args.device)
-        start = time.perf_counter()
-        step()
-        synchronize(args.device)
-        times.append(time.perf_counter() - start)
+    try:
+        model, step, trainable = prepare(args)
+        adapter_bytes = None
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.warmup):
+            step()
+        times = []
+        for _ in range(args.steps):
+            synchronize(args.device)
+            start = time.perf_counter()
+            step()
+            synchronize(args.device)
+            times.append(time.perf_counter() - start)
+    except torch.OutOfMemoryError as exc:
+        print(json.dumps({"method": args.method, "oom": True, "error": str(exc).splitlines()[0],
+                          "peak_bytes": torch.cuda.max_memory_allocated() if args.device == "cuda" else None}))
+        return
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if args.method in ("lora", "shira", "randmask"):
+    if args.method in ("lora", "shira", "randmask", "randmask-additive"):
         with tempfile.TemporaryDirectory() as tmp:
-            if args.method == "randmask":
+            if args.method.startswith("randmask"):
                 from randmask.adapter import save_adapter
 
                 save_adapter(model, os.path.join(tmp, "adapter.safetensors"))
@@ -186,6 +259,9 @@ def add_step_arguments(parser) -> None:
     parser.add_argument("--shape", choices=SHAPES, default="135m", help="model shape (LlamaConfig), default 135m")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quantize", default="none", choices=["none", "4bit", "8bit"],
+                        help="the base's linear layers but the head: none (default, --dtype), 4bit (bitsandbytes nf4 "
+                             "with double quantization, computing in --dtype: QLoRA's base) or 8bit (LLM.int8())")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead"],
@@ -220,7 +296,8 @@ def run_in_process(args, method, setting):
     """One method's measurements from a fresh process (so its peak memory is its own), or None if it failed."""
     cmd = [sys.executable, __file__, "--method", method, "--setting", setting, "--shape", args.shape,
            "--dtype", args.dtype, "--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq),
-           "--warmup", str(args.warmup), "--steps", str(args.steps), "--compile", args.compile]
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--compile", args.compile,
+           "--quantize", args.quantize]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         print(f"{setting}/{method} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -236,28 +313,44 @@ def main():
     parser.add_argument("--rounds", type=int, default=2,
                         help="repeat every method this many times, interleaved; keep each method's fastest round")
     parser.add_argument("--settings", default="qv,all-linear", help="comma-separated: " + ", ".join(SETTINGS))
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
+    parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "randmask-additive"),
+                        help="comma-separated: " + ", ".join(METHODS) + " (default all but randmask-additive)")
     parser.add_argument("--one-process", action="store_true",
                         help="build every method in this process and interleave their steps (a round is one step "
                              "of each, in a shuffled order): steadier step-time ratios, no peak memory")
+    parser.add_argument("--fits", metavar="SHAPES",
+                        help="comma-separated shapes: find the largest whose q,v randmask step fits on the device "
+                             "(largest first, a process each), with QLoRA's peak memory beside it; use with "
+                             "--quantize")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method in this process
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     add_results_argument(parser)
     args = parser.parse_args()
     if args.method:
         return run_method(args)
-    table = (f"{args.shape}_{args.dtype}" + ("" if args.compile == "none" else f"_compile-{args.compile}")
+    if args.fits:
+        unknown = [shape for shape in args.fits.split(",") if shape not in SHAPES]
+        if unknown:
+            parser.error(f"--fits: unknown shapes {unknown}; choose from {', '.join(SHAPES)}")
+        return find_largest_fit(args)
+    quantized = "" if args.quantize == "none" else f"_{args.quantize}"
+    table = (f"{args.shape}_{args.dtype}{quantized}" + ("" if args.compile == "none" else f"_compile-{args.compile}")
              + ("_one-process" if args.one_process else ""))
     run = Run("e2e", args.device, table, args.results, tag=args.tag)
     print(f"{run.base['machine']}, {table}; run {run.id}", flush=True)
-    base = {"shape": args.shape, "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "compile": args.compile,
-            "mode": "one-process" if args.one_process else "processes", "warmup": args.warmup, "steps": args.steps}
+    base = {"shape": args.shape, "dtype": args.dtype, "quantize": args.quantize, "batch": args.batch,
+            "seq": args.seq, "compile": args.compile, "mode": "one-process" if args.one_process else "processes",
+            "warmup": args.warmup, "steps": args.steps}
     settings, methods = args.settings.split(","), args.methods.split(",")
+    if args.quantize != "none" and set(methods) & set(DENSE_ONLY):
+        print(f"skipped on a {args.quantize} base (they write the weights): "
+              f"{', '.join(m for m in methods if m in DENSE_ONLY)}", flush=True)
+        methods = [m for m in methods if m not in DENSE_ONLY]
     if args.one_process:
         for setting in settings:
             for method, (trainable, times) in run_one_process(args, setting, methods).items():
                 row = run.add({**base, "setting": setting}, method, times, trainable=trainable)
-                print(f"{setting:10s} {method:9s} {row['s'] * 1e3:9.1f} ms (median of {len(times)} interleaved "
+                print(f"{setting:10s} {method:17s} {row['s'] * 1e3:9.1f} ms (median of {len(times)} interleaved "
                       f"steps)", flush=True)
         run.report(not args.no_report)
         return
@@ -270,7 +363,7 @@ def main():
                 if method in shared:
                     continue
                 got = run_in_process(args, method, setting)
-                if got is None:
+                if got is None or got.get("oom"):
                     continue
                 if method in SETTING_FREE:
                     shared.add(method)
@@ -278,9 +371,52 @@ def main():
                 run.add(params, method, got["steps_s"], peak_bytes=got["peak_bytes"],
                         rss_growth_bytes=got["rss_growth_bytes"], trainable=got["trainable"],
                         adapter_bytes=got["adapter_bytes"])
-                print(f"{setting:10s} {method:9s} round {round_}: {got['step_s'] * 1e3:9.1f} ms "
+                print(f"{setting:10s} {method:17s} round {round_}: {got['step_s'] * 1e3:9.1f} ms "
                       f"(steps {min(got['steps_s']) * 1e3:.1f}-{max(got['steps_s']) * 1e3:.1f}) "
                       f"{got['peak_bytes'] / 2**20:9.1f} MiB  trainable {got['trainable']:,}", flush=True)
+    run.report(not args.no_report)
+
+
+def shape_parameters(shape) -> int:
+    """A shape's parameter count, from a model built on "meta" (nothing allocated)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**SHAPES[shape])).parameters())
+
+
+def find_largest_fit(args) -> None:
+    """--fits: the shapes largest first; each one's q,v randmask step in a process of its own until one fits, then
+    QLoRA's step at that shape. A row per (shape, method) tried: s null and oom true where it did not fit."""
+    sizes = {shape: shape_parameters(shape) for shape in args.fits.split(",")}
+    run = Run("fits", args.device, f"{args.dtype}_{args.quantize}", args.results, tag=args.tag)
+    print(f"{run.base['machine']}: the largest q,v randmask step that fits, {args.quantize} base; run {run.id}",
+          flush=True)
+    found = None
+    for shape in sorted(sizes, key=sizes.get, reverse=True):
+        shaped = argparse.Namespace(**{**vars(args), "shape": shape})
+        for method in ("randmask", "lora"):
+            got = run_in_process(shaped, method, "qv")
+            if got is None:
+                print(f"{shape:5s} {method:9s} failed (not out of memory): stopped", flush=True)
+                return run.report(not args.no_report)
+            fits = not got.get("oom")
+            params = {"shape": shape, "parameters": sizes[shape], "dtype": args.dtype, "quantize": args.quantize,
+                      "batch": args.batch, "seq": args.seq, "setting": "qv", "warmup": args.warmup,
+                      "steps": args.steps}
+            run.add(params, method, got.get("steps_s", []), peak_bytes=got.get("peak_bytes"), oom=not fits,
+                    trainable=got.get("trainable"), **({} if fits else {"s": None}))
+            peak = got.get("peak_bytes")
+            print(f"{shape:5s} {method:9s} {'fits' if fits else 'out of memory':14s}"
+                  + (f" {got['step_s'] * 1e3:9.1f} ms" if fits else "")
+                  + (f" peak {peak / 2**20:9.0f} MiB" if peak else ""), flush=True)
+            if not fits:
+                break  # randmask out of memory: try the next smaller shape; QLoRA out of memory: noted
+            found = found or shape
+        if found:
+            break
+    print(f"largest shape whose q,v randmask step fits: {found or 'none of ' + args.fits}", flush=True)
     run.report(not args.no_report)
 
 

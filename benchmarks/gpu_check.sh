@@ -18,8 +18,16 @@
 #   e2e-8b        bench_e2e, Llama-3-8B shape, bf16, q,v: frozen floor, randmask, LoRA (3 processes)        <= 110 s
 #   e2e-compile   bench_e2e --compile reduce-overhead, 1B, q,v: frozen floor, randmask, LoRA (the eager 1B step is
 #                 host-bound; with the Python and launch cost gone, how close is randmask to the floor?)   <= 400 s
-# Sum of the limits: default sections 915 s, e2e-8b + e2e-compile 510 s; in practice e2e takes ~25 s per process,
-# mostly start-up. Add the machine's start when sizing one call against a time budget.
+#   e2e-4bit-8b   bench_e2e --quantize 4bit, Llama-3-8B shape, bf16 compute, q,v: the frozen 4-bit floor, randmask
+#                 (additive on the 4-bit base), QLoRA (3 processes; step time and peak memory)               <= 150 s
+#   fits-4bit     bench_e2e --quantize 4bit --fits 8b,13b,34b,70b: the largest Llama shape whose q,v randmask step
+#                 fits in the GPU, tried largest first (each built on "meta" and quantized a layer at a time on
+#                 the GPU, never dense), with QLoRA's peak memory at that shape beside it (2 processes when the
+#                 70B fits)                                                                                  <= 420 s
+# Sum of the limits: default sections 915 s, e2e-8b + e2e-compile 510 s, e2e-4bit-8b + fits-4bit 570 s; in practice
+# e2e takes ~25 s per process, mostly start-up. Add the machine's start when sizing one call against a time budget.
+# The two 4-bit sections need bitsandbytes (with a libbitsandbytes_cuda<version>.so for torch's CUDA): if the device's
+# python lacks it, carry a copy of the installed package folder and name its parent in RANDMASK_BNB_PATH.
 #
 # Every benchmark appends its rows to OUT_DIR/results.jsonl (RANDMASK_BENCH_RESULTS), with the commit from git or,
 # where this copy of the tree has no git metadata, from $RANDMASK_BENCH_COMMIT (pass it in). Back on the main machine,
@@ -40,7 +48,7 @@ PY="${PYTHON:-python3}"  # the device image's python3 holds torch; there may be 
 START=$(date +%s)
 shift $(( $# > 0 ? 1 : 0 ))
 SECTIONS=" ${*:-triton micro e2e} "
-[[ "$SECTIONS" == *" all "* ]] && SECTIONS=" triton micro e2e e2e-8b e2e-compile "
+[[ "$SECTIONS" == *" all "* ]] && SECTIONS=" triton micro e2e e2e-8b e2e-compile e2e-4bit-8b fits-4bit "
 want() { [[ "$SECTIONS" == *" $1 "* ]]; }
 elapsed() { echo "($(( $(date +%s) - START )) s so far)"; }
 # the tables and plots of every run in OUT_DIR/results.jsonl, packed into one file
@@ -55,13 +63,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
                  'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())" || { echo "no torch"; exit 1; }
 $PY -c "import importlib.metadata as m; print(*(f'{p} {m.version(p)}' for p in
-        ('triton', 'transformers', 'peft', 'safetensors', 'pytest')), sep=', ')" 2>&1
+        ('triton', 'transformers', 'peft', 'accelerate', 'safetensors', 'pytest')), sep=', ')" 2>&1
 
 # The device has no network and pip's editable install wants to fetch setuptools: no install. Lay the package out as
 # setup.py's package_dir does (kernels/ as randmask/kernels, a link in this copy of the tree) and use PYTHONPATH.
 # The native CPU library is not built here: nothing on this machine's GPU path uses it.
 [ -e randmask/kernels ] || ln -s ../kernels randmask/kernels
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${RANDMASK_BNB_PATH:+:$RANDMASK_BNB_PATH}${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "import randmask, randmask.kernels; print('randmask from', randmask.__file__)" || exit 1
 echo "commit measured: $($PY -c 'import sys; sys.path.insert(0, "benchmarks"); import harness; print(harness.git_commit())')"
 
@@ -154,5 +162,24 @@ if want e2e-compile; then
   timeout 400 $PY benchmarks/bench_e2e.py --device cuda --shape 1b --dtype bfloat16 --steps 10 --warmup 3 \
     --rounds 1 --settings qv --methods frozen,randmask,lora --compile reduce-overhead --no-report
   echo "e2e compile exit status $?"; save_reports
+fi
+# the 4-bit sections: a clear line instead of a traceback per process when bitsandbytes cannot run here
+have_bnb() {
+  $PY -c "import bitsandbytes, torch
+bitsandbytes.functional.quantize_4bit(torch.randn(64, 64, device='cuda'))  # its CUDA library works
+print('bitsandbytes', bitsandbytes.__version__, 'from', bitsandbytes.__file__)" 2>&1 | grep -v kernels-community ||
+    { echo "bitsandbytes cannot run here: section $1 skipped (see RANDMASK_BNB_PATH above)"; return 1; }
+}
+if want e2e-4bit-8b && have_bnb e2e-4bit-8b; then
+  echo; echo "== section e2e-4bit-8b $(elapsed)"
+  timeout 150 $PY benchmarks/bench_e2e.py --device cuda --shape 8b --dtype bfloat16 --quantize 4bit --steps 10 \
+    --warmup 3 --rounds 1 --settings qv --methods frozen,randmask,lora --no-report
+  echo "e2e 4-bit 8b exit status $?"; save_reports
+fi
+if want fits-4bit && have_bnb fits-4bit; then
+  echo; echo "== section fits-4bit $(elapsed)"
+  timeout 420 $PY benchmarks/bench_e2e.py --device cuda --dtype bfloat16 --quantize 4bit --fits 8b,13b,34b,70b \
+    --steps 3 --warmup 1 --no-report
+  echo "fits 4-bit exit status $?"; save_reports
 fi
 echo "== gpu_check done in $(( $(date +%s) - START )) s; log: $LOG"

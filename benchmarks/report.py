@@ -322,7 +322,12 @@ SETTING_TEXT = {"qv": "randmask at trainable_ratio 0.01% of the model; LoRA/SHiR
                 "all-linear": "every method at LoRA r=8's count per matrix"}
 
 
-E2E_ORDER = ["frozen", "randmask", "lora", "shira", "naive", "full"]
+E2E_ORDER = ["frozen", "randmask", "randmask-additive", "lora", "shira", "naive", "full"]
+QUANTIZED_BASE = {"4bit": "a bitsandbytes 4-bit base (nf4, double quantization) under every linear layer but the "
+                          "head: frozen is the 4-bit floor, randmask runs additive (mode auto), lora is QLoRA, shira "
+                          "PEFT SHiRA on the same base",
+                  "8bit": "a bitsandbytes 8-bit base (LLM.int8()) under every linear layer but the head: frozen is "
+                          "the 8-bit floor, randmask runs additive (mode auto), lora is PEFT LoRA on it"}
 
 
 def e2e_methods(rows, setting) -> dict:
@@ -359,9 +364,12 @@ def e2e(rows):
     settings = list(dict.fromkeys(r["params"]["setting"] for r in rows if r["params"].get("setting")))
     how = ("all methods in one process, one step of each per round in a shuffled order; step = the median step"
            if one else "each method in its own process; step = the median step of the fastest round")
-    lines = [header(f"End to end: one training step, {p['shape']} shape, {p['dtype']}", rows),
+    quantized = QUANTIZED_BASE.get(p.get("quantize", "none"))
+    lines = [header(f"End to end: one training step, {p['shape']} shape, {p['dtype']}"
+                    + (f", {p['quantize']} base" if quantized else ""), rows),
              f"Batch {p['batch']} × {p['seq']} tokens; forward + backward + optimizer step; {how}"
-             + (f"; torch.compile mode {p['compile']}" if p.get("compile", "none") != "none" else "") + ".", ""]
+             + (f"; torch.compile mode {p['compile']}" if p.get("compile", "none") != "none" else "")
+             + (f"; {quantized}" if quantized else "") + ".", ""]
     for setting in settings:
         methods = e2e_methods(rows, setting)
         frozen, lora = methods.get("frozen"), methods.get("lora")
@@ -378,22 +386,86 @@ def e2e(rows):
         lines += [f"**{setting}** ({SETTING_TEXT.get(setting, '')})", "",
                   markdown_table(["method", "trainable", "step ms", "× frozen", "× LoRA", "× frozen, by round",
                                   "× LoRA, by round", "peak MiB", "peak × LoRA", "adapter KiB"], out), ""]
+        merged, additive = methods.get("randmask"), methods.get("randmask-additive")
+        if merged and additive and not quantized:
+            lines += [f"randmask-additive × randmask (merged): {ratio(additive['s'], merged['s'])} median step, "
+                      f"{by_round_text(additive, merged)} by round (target ≤ 1.10).", ""]
     lines.append("By round: the median over rounds of two methods' ratio within a round (they ran "
                  + ("seconds apart in one process" if one else "minutes apart") + "), with its range.")
 
     def plot(path):
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
-        for ax, setting in zip(axes[0], settings):
+        peaks = any(r.get("peak_bytes") for r in rows)  # per-process runs: a second row, peak memory
+        fig, axes = plt.subplots(1 + peaks, len(settings), figsize=(6 * len(settings), 4 * (1 + peaks)),
+                                 squeeze=False)
+        for column, setting in enumerate(settings):
             methods = e2e_methods(rows, setting)
-            floor = methods.get("frozen", {}).get("s")
             names = list(methods)
-            ax.bar(names, [methods[m]["s"] / floor if floor else methods[m]["s"] for m in names],
-                   color=["tab:red" if m == "randmask" else "tab:gray" for m in names])
+            colors = ["tab:red" if m.startswith("randmask") else "tab:gray" for m in names]
+            floor = methods.get("frozen", {}).get("s")
+            ax = axes[0][column]
+            ax.bar(names, [methods[m]["s"] / floor if floor else methods[m]["s"] for m in names], color=colors)
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_title(f"{setting}: step time / frozen floor")
             ax.tick_params(axis="x", rotation=30)
+            if peaks:
+                ax = axes[1][column]
+                ax.bar(names, [(methods[m]["row"].get("peak_bytes") or 0) / 2**20 for m in names], color=colors)
+                ax.set_title(f"{setting}: peak memory, MiB")
+                ax.tick_params(axis="x", rotation=30)
+        return fig
+
+    return "\n".join(lines), plot
+
+
+# ---------------------------------------------------------------------------------------------------- fits
+def fits(rows):
+    """bench_e2e.py --fits: per shape tried (largest first), randmask's and QLoRA's q,v step, or out of memory."""
+    p = rows[0]["params"]
+    shapes = list(dict.fromkeys(r["params"]["shape"] for r in rows))
+    cells = {(r["params"]["shape"], r["variant"]): r for r in rows}
+    out = []
+    for shape in shapes:
+        rm, lora = cells.get((shape, "randmask")), cells.get((shape, "lora"))
+
+        def peak(r):
+            return r.get("peak_bytes") if r and not r.get("oom") else None
+
+        def cell(r, what):
+            if r is None:
+                return "not run"
+            if r.get("oom"):
+                return "out of memory"
+            return f"{r['s'] * 1e3:.1f}" if what == "s" else fmt_mib(peak(r))
+
+        size = rm["params"]["parameters"] if rm else None
+        out.append([shape, "–" if size is None else f"{size / 1e9:.1f} G" if size >= 1e8 else f"{size:,}",
+                    cell(rm, "s"), cell(lora, "s"), cell(rm, "peak"), cell(lora, "peak"), ratio(peak(rm), peak(lora))])
+    fitting = [shape for shape in shapes if (shape, "randmask") in cells and not cells[shape, "randmask"].get("oom")]
+    lines = [header(f"The largest Llama shape whose q,v randmask step fits, {p['quantize']} base, {p['dtype']}", rows),
+             f"Batch {p['batch']} × {p['seq']} tokens, forward + backward + optimizer step; shapes tried largest "
+             "first, each method in its own process; randmask at trainable_ratio 0.01% of the model (additive on the "
+             "quantized base), QLoRA = PEFT LoRA r=8 on the same base; peak: the GPU's peak allocated memory (on a "
+             "CPU the process's peak resident set).", "",
+             markdown_table(["shape", "parameters", "randmask step ms", "QLoRA step ms", "randmask peak MiB",
+                             "QLoRA peak MiB", "peak × QLoRA"], out), "",
+             f"Largest that fits: {fitting[0] if fitting else 'none tried'}."]
+
+    def plot(path):
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(1.6 * len(shapes) + 3, 4))
+        for offset, method, color in ((-0.2, "randmask", "tab:red"), (0.2, "lora", "tab:gray")):
+            peaks = [(cells.get((shape, method)) or {}).get("peak_bytes") or 0 for shape in shapes]
+            bars = ax.bar([i + offset for i in range(len(shapes))], [b / 2**30 for b in peaks], 0.4, color=color,
+                          label="QLoRA" if method == "lora" else method)
+            for bar, shape in zip(bars, shapes):
+                if (cells.get((shape, method)) or {}).get("oom"):
+                    bar.set_hatch("//")
+        ax.set_xticks(range(len(shapes)), shapes)
+        ax.set(ylabel="peak GiB", title="q,v step on one device (hatched: out of memory at that peak)")
+        ax.legend(fontsize=8)
         return fig
 
     return "\n".join(lines), plot
@@ -423,7 +495,7 @@ def generic(rows):
 
 
 RENDERERS = {"masked_grad": masked_grad, "update": update, "positions": positions, "overhead": overhead,
-             "e2e": e2e}
+             "e2e": e2e, "fits": fits}
 
 
 def write_reports(rows, out_dir, with_run=False, plots=True) -> list:

@@ -4,6 +4,9 @@
     masked_grad_native(x, grad_y, n, key)            g[k] = sum_t grad_y[t, r_k] x[t, c_k], fp32
     gather_weight_native(weight, n, key)             base[k] = weight[r_k, c_k]
     sparse_update_native(weight, base, delta, key)   weight[r_k, c_k] = round(float(base[k]) + delta[k]), in place
+    sparse_add_native(out, src, delta, n, key, shape, transpose)
+                                                     out[t, r_k] += delta[k] src[t, c_k] (transposed: out[t, c_k] +=
+                                                     delta[k] src[t, r_k]), in place
 
 The library is a plain C library (its ABI: csrc/randmask_native.h, tensors passed as small structs) loaded with
 ctypes, so building it needs a C++ compiler and cmake, never torch's headers (setup.py drives CMake and puts it beside
@@ -21,7 +24,7 @@ from torch.autograd.graph import increment_version
 
 from .mask_addressing import MAX_ENTRIES
 
-ABI_VERSION = 2  # RANDMASK_NATIVE_ABI in csrc/randmask_native.h
+ABI_VERSION = 3  # RANDMASK_NATIVE_ABI in csrc/randmask_native.h
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 LIBRARY = "_randmask_native" + (".dll" if sys.platform == "win32" else ".so")
 _ERRORS = {-1: "invalid argument (shape, count, stride or pointer)", -2: "unsupported dtype",
@@ -54,6 +57,8 @@ _SIGNATURES = {
     "randmask_cpu_masked_grad": ([_P(Matrix), _P(Matrix), _P(MaskArgs), ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
     "randmask_cpu_gather_weight": ([_P(Matrix), _P(MaskArgs), _P(Vector), ctypes.c_int], ctypes.c_int),
     "randmask_cpu_sparse_update": ([_P(Matrix), _P(Vector), _P(Vector), _P(MaskArgs), ctypes.c_int], ctypes.c_int),
+    "randmask_cpu_sparse_add": ([_P(Matrix), _P(Matrix), _P(Vector), _P(MaskArgs), ctypes.c_int, ctypes.c_int],
+                                ctypes.c_int),
 }
 
 
@@ -200,3 +205,26 @@ def sparse_update_native(weight: torch.Tensor, base: torch.Tensor, delta: torch.
     if not weight.is_inference():  # written through a pointer: bump the version as an in-place torch op would
         increment_version(weight)
     return weight
+
+
+def sparse_add_native(out: torch.Tensor, src: torch.Tensor, delta: torch.Tensor, n: int, key: int, shape,
+                      transpose: bool) -> None:
+    """out[t, r_k] += delta[k] src[t, c_k] in place on CPU (transpose: out[t, c_k] += delta[k] src[t, r_k]), k < n, for
+    the mask of shape = (out_features, in_features): out (T, out_features) and src (T, in_features), or the other way
+    round when transposed; any strides. fp32 sums in slot order, one rounding per touched element, deterministic."""
+    if out.dim() != 2 or src.dim() != 2 or out.shape[0] != src.shape[0]:
+        raise ValueError(f"out and src must be 2-D (T, *) with one T, got {tuple(out.shape)}, {tuple(src.shape)}")
+    out_features, in_features = shape
+    widths = (in_features, out_features) if transpose else (out_features, in_features)
+    if (out.shape[1], src.shape[1]) != widths:
+        raise ValueError(f"a{' transposed' if transpose else ''} sparse add with a {out_features}x{in_features} mask "
+                         f"takes out (T, {widths[0]}) and src (T, {widths[1]}), got {tuple(out.shape)}, "
+                         f"{tuple(src.shape)}")
+    if delta.dtype != torch.float32 or delta.dim() != 1 or delta.numel() != n or not delta.is_contiguous():
+        raise ValueError(f"delta must be {n} contiguous float32 values, got {delta.dtype} {tuple(delta.shape)}")
+    _cpu(out, src, delta)
+    mask = _mask(out_features, in_features, n, key)
+    _check(library().randmask_cpu_sparse_add(_matrix(out), _matrix(src), _vector(delta), mask, int(bool(transpose)),
+                                             _threads()), "sparse_add")
+    if not out.is_inference():  # written through a pointer: bump the version as an in-place torch op would
+        increment_version(out)

@@ -11,6 +11,7 @@ from randmask.mask import MASK_SCHEME, MatrixMask, count_for_density, layer_key,
 from randmask.model import (
                             RandMaskConfig,
                             apply,
+                            count_parameters,
                             count_trainable_parameters,
                             masked_layers,
                             plan,
@@ -21,6 +22,6 @@ from randmask.optim import MaskedAdamW
 
 __version__ = "0.1.0"
 __all__ = ["MASK_SCHEME", "AdapterError", "MaskedAdamW", "MaskedLinear", "MatrixMask", "RandMaskConfig", "apply",
-           "count_for_density", "count_trainable_parameters", "layer_key", "load_adapter", "mask_positions",
-           "mask_slots", "masked_layers", "merge", "plan", "print_trainable_parameters", "read_adapter_header",
-           "restore", "save_adapter", "use_backend"]
+           "count_for_density", "count_parameters", "count_trainable_parameters", "layer_key", "load_adapter",
+           "mask_positions", "mask_slots", "masked_layers", "merge", "plan", "print_trainable_parameters",
+           "read_adapter_header", "restore", "save_adapter", "use_backend"]

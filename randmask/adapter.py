@@ -14,16 +14,21 @@ JSON header:
      "config": RandMaskConfig.to_dict(), "delta_dtype": "float32" | "bfloat16" | "float16",
      "base_fingerprint": blake2b-128 hex over every layer's record below, in order,
      "layers": [{"name", "key" (decimal string, 64-bit exact), "shape": [out, in], "n", "transposed",
-                 "base_dtype", "base_blake2b", "delta_blake2b"}, ...]}
+                 "base_dtype", "quantization", "base_blake2b", "delta_blake2b"}, ...]}
 
 A layer's base record is `name \\0 out,in,n,base_dtype \\0` followed by the bytes of the n original values W0_k (the
-base model's weight at the masked positions, in its dtype): a wrong base model (another checkpoint, another init,
-another dtype) is detected exactly and cheaply without storing any index. `delta_blake2b` hashes the stored tensor's
+base model's weight at the masked positions, in its dtype; for a quantized base, the dequantized values in the dtype
+it was quantized from): a wrong base model (another checkpoint, another init, another dtype, another quantization)
+is detected exactly and cheaply without storing any index. "quantization" is null for a plain base, else "nf4",
+"fp4" (with "-dq" when double-quantized) or "int8" (bitsandbytes), so a mismatch is named in words. The adapter is
+the same whichever mode (merged or additive) trained it, and loads in either. `delta_blake2b` hashes the stored tensor's
 bytes, so a changed or damaged tensor is detected. The hashes catch accidents, they are not signatures.
 
 `load_adapter` reads and checks everything before it touches the model; any failure raises AdapterError (a
 ValueError) naming the problem and leaves the model bitwise as it was.
 """
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,10 +38,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from randmask import ops
+from randmask import ops, quantized
 from randmask.layer import MaskedLinear, is_conv1d
 from randmask.mask import MASK_SCHEME, MatrixMask, layer_key
-from randmask.model import RandMaskConfig, apply, masked_layers, plan
+from randmask.model import RandMaskConfig, apply_undoable, forget, masked_layers, plan
 
 __all__ = ["AdapterError", "FORMAT", "FORMAT_VERSION", "save_adapter", "load_adapter", "read_adapter_header",
            "merge", "restore"]
@@ -114,17 +119,19 @@ def save_adapter(model: nn.Module, path, dtype=torch.float32) -> dict:
         raise AdapterError("save_adapter: the model has MaskedLinear layers but no randmask_config; "
                            "build it with randmask.apply so the adapter can be loaded again")
     tensors, entries = {}, []
-    for name, layer in layers:
-        layer.sync()
+    for name, layer in layers:  # every delta is checked before any layer syncs its weight
         delta = layer.delta.detach().to(device="cpu", dtype=dtype).contiguous()
         if layer.n and not bool(torch.isfinite(delta).all()):
             problem = "non-finite values" if not bool(torch.isfinite(layer.delta).all()) else \
                 f"values too large for {_DTYPE_NAMES[dtype]}"
             raise AdapterError(f"save_adapter: layer {name!r} has {problem} in its delta")
         tensors[name + ".delta"] = delta
+    for name, layer in layers:
+        layer.sync()
         entries.append({"name": name, "key": str(layer.key), "shape": list(layer.mask.shape), "n": layer.n,
                         "transposed": bool(layer.transposed), "base_dtype": _DTYPE_NAMES[layer.base.dtype],
-                        "delta_blake2b": _digest(_tensor_bytes(delta))})
+                        "quantization": layer.quantization,
+                        "delta_blake2b": _digest(_tensor_bytes(tensors[name + ".delta"]))})
     per_layer, whole = _base_fingerprints(_base_record(name, layer.mask.shape, layer.n, layer.base)
                                           for name, layer in layers)
     for entry, fingerprint in zip(entries, per_layer):
@@ -135,11 +142,34 @@ def save_adapter(model: nn.Module, path, dtype=torch.float32) -> dict:
               "randmask_version": __version__, "config": config.to_dict(), "delta_dtype": _DTYPE_NAMES[dtype],
               "base_fingerprint": whole, "layers": entries}
     text = json.dumps(header, separators=(",", ":"))
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "pt", HEADER_KEY: text, HEADER_HASH_KEY: _digest(text.encode())})
-    os.replace(tmp, path)  # never leave a half-written adapter under the real name
+    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={
+        "format": "pt", HEADER_KEY: text, HEADER_HASH_KEY: _digest(text.encode())}))
     return header
+
+
+def _write_atomically(path, write) -> None:
+    """write(tmp) into a temporary file of its own beside `path`, flushed to disk, then renamed onto `path`: the file
+    at `path` is always one whole save (concurrent saves included: the last rename wins), and nothing is left behind
+    on a failure or an interrupt."""
+    import tempfile
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise AdapterError(f"save_adapter: {path!r} is a directory; give the adapter file's path")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise AdapterError(f"save_adapter: the directory {directory!r} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------- read + check
@@ -200,6 +230,7 @@ def _layer_entries(header: dict, path: str) -> list[dict[str, Any]]:
               and isinstance(entry.get("shape"), list) and len(entry["shape"]) == 2
               and all(isinstance(d, int) and d >= 0 for d in entry["shape"]) and isinstance(entry.get("n"), int)
               and isinstance(entry.get("transposed"), bool) and entry.get("base_dtype") in _DTYPE_NAMES.values()
+              and isinstance(entry.get("quantization"), (str, type(None)))
               and isinstance(entry.get("base_blake2b"), str) and isinstance(entry.get("delta_blake2b"), str))
         if not ok:
             raise AdapterError(f"{path!r}: malformed layer entry in the header: {entry!r}")
@@ -215,7 +246,7 @@ def _plan_for(model: nn.Module, config: RandMaskConfig) -> list[tuple[str, tuple
     masked = list(masked_layers(model))
     if masked:
         current = getattr(model, "randmask_config", None)
-        if current != config:
+        if not isinstance(current, RandMaskConfig) or dataclasses.replace(current, mode=config.mode) != config:
             raise AdapterError(f"the model is already masked with a different config ({current!r}) than the "
                                f"adapter's ({config!r}); load the adapter into a fresh base model, or "
                                f"randmask.restore this one first")
@@ -279,15 +310,30 @@ def _model_base(model: nn.Module, name: str, shape, n: int, key: int) -> torch.T
     module = model.get_submodule(name)
     if isinstance(module, MaskedLinear):
         return module.base
-    weight = module.weight.detach()
+    if quantized.quantization_of(module) is not None:
+        weight = quantized.dequantize(module)  # transient
+    else:
+        weight = module.weight.detach().t() if is_conv1d(module) else module.weight.detach()
     with torch.no_grad():
-        return ops.gather_weight(weight.t() if is_conv1d(module) else weight, MatrixMask(tuple(shape), n, key))
+        return ops.gather_weight(weight, MatrixMask(tuple(shape), n, key))
+
+
+def _base_kind(module: nn.Module) -> tuple[str | None, str]:
+    """(quantization, dtype name) of a layer's base values."""
+    if isinstance(module, MaskedLinear):
+        quantization, dtype = module.quantization, module.base.dtype
+    else:
+        quantization, dtype = quantized.quantization_of(module), quantized.dense_dtype(module)
+    return quantization, _DTYPE_NAMES.get(dtype, str(dtype))
 
 
 def _check_base(model: nn.Module, entries, header: dict, path: str) -> None:
-    for e in entries:  # the dtype first: a clearer message than "another base model"
-        weight = model.get_submodule(e["name"]).weight
-        here = _DTYPE_NAMES.get(weight.dtype, str(weight.dtype))
+    for e in entries:  # the quantization and dtype first: clearer messages than "another base model"
+        quantization, here = _base_kind(model.get_submodule(e["name"]))
+        if quantization != e.get("quantization"):
+            raise AdapterError(f"{path!r} was trained on a {quantized.describe(e.get('quantization'), e['base_dtype'])}"
+                               f", this model's layer {e['name']!r} has a {quantized.describe(quantization, here)}; "
+                               "load it onto the base it was trained on")
         if here != e["base_dtype"]:
             raise AdapterError(f"{path!r} was trained on a {e['base_dtype']} base model, this model's weights are "
                                f"{here} (layer {e['name']!r}); cast the model to {e['base_dtype']} first")
@@ -303,21 +349,24 @@ def _check_base(model: nn.Module, entries, header: dict, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- load
-def load_adapter(model: nn.Module, path) -> nn.Module:
+def load_adapter(model: nn.Module, path, mode: str | None = None) -> nn.Module:
     """Load an adapter onto `model` and return it.
 
-    `model` is a fresh base model (randmask.apply is then called with the adapter's config), or one already masked
-    with the identical config (its deltas are overwritten). Everything is checked first: the file's integrity,
-    the format and mask-scheme versions, that the adapter's layers are exactly the ones the config masks in this
-    model (names, shapes, n, layer kinds), that this model's weights at the masked positions are the ones the
-    adapter was trained on, and the tensors' names, dtypes, shapes, checksums and finiteness. On any failure an
-    AdapterError names the problem and the model is left bitwise unchanged."""
+    `model` is a fresh base model (randmask.apply is then called with the adapter's config, in `mode` if given:
+    "auto", "merged" or "additive"; an adapter loads in either mode, whichever trained it), or one already masked
+    with the same config (its deltas are overwritten; its layers keep their mode). Everything is checked first: the
+    file's integrity, the format and mask-scheme versions, that the adapter's layers are exactly the ones the config
+    masks in this model (names, shapes, n, layer kinds), that this model's weights at the masked positions (and
+    their quantization) are the ones the adapter was trained on, and the tensors' names, dtypes, shapes, checksums
+    and finiteness. On any failure an AdapterError names the problem and the model is left bitwise unchanged."""
     path = os.fspath(path)
     header, tensors = _read(path)
     try:
         config = RandMaskConfig.from_dict(header.get("config"))
     except (TypeError, ValueError) as exc:
         raise AdapterError(f"{path!r}: the header's config is not a valid RandMaskConfig: {exc}") from None
+    if mode is not None:
+        config = dataclasses.replace(config, mode=mode)
     delta_dtype = _DELTA_DTYPES.get(header.get("delta_dtype"))
     if delta_dtype is None:
         raise AdapterError(f"{path!r}: unknown delta_dtype {header.get('delta_dtype')!r} in the header")
@@ -326,19 +375,23 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     _check_tensors(tensors, entries, delta_dtype, path)
     _check_base(model, entries, header, path)
 
-    fresh = next(masked_layers(model), None) is None
-    if fresh:
-        apply(model, config)
+    undo = apply_undoable(model, config) if next(masked_layers(model), None) is None else None
+    layers = dict(masked_layers(model))
+    previous = {name: layer.delta.detach().clone() for name, layer in layers.items()} if undo is None else None
     try:
-        layers = dict(masked_layers(model))
         with torch.no_grad():
             for e in entries:
                 layer = layers[e["name"]]
                 layer.delta.copy_(tensors[e["name"] + ".delta"].to(torch.float32))
                 layer.sync()
-    except BaseException:
-        if fresh:
-            restore(model)  # give the model back as it came
+    except BaseException:  # give the model back as it came
+        with torch.no_grad():
+            if undo is not None:
+                undo()
+            else:
+                for name, delta in previous.items():
+                    layers[name].delta.copy_(delta)
+                    layers[name].sync()
         raise
     return model
 
@@ -367,47 +420,76 @@ def _plain_module(layer: MaskedLinear) -> nn.Module:
     return module
 
 
-def _unmask(model: nn.Module, write) -> nn.Module:
+def _unmask(model: nn.Module, replacement) -> nn.Module:
+    """Put `replacement(layer)` in place of every MaskedLinear."""
     layers = _masked_or_refuse(model, "merge/restore")
     for name, layer in layers:
         with torch.no_grad():
-            write(layer)
-        plain = _plain_module(layer)
+            plain = replacement(layer)
         if not name:
             model = plain  # the model itself was a MaskedLinear
         else:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, plain)
-    if "randmask_config" in vars(model):
-        del model.randmask_config
+    forget(model)
     return model
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Replace every MaskedLinear by a plain nn.Linear (transformers Conv1D for GPT-2-style layers) holding the
-    merged weights W0 + delta, on the same storage (no copy), remove `model.randmask_config`, and return the model.
+def _dense_of_quantized(layer: MaskedLinear, dtype: torch.dtype) -> nn.Linear:
+    """A new nn.Linear holding dequant(W0) + delta in `dtype` (W0 + delta rounded once, from the dequantized base)."""
+    base_layer = layer.base_layer
+    weight = quantized.dequantize(base_layer).to(dtype)
+    if layer.n:
+        ops.sparse_update(weight, layer.base, layer.delta, layer.mask)
+    module = nn.Linear(layer.in_features, layer.out_features, bias=base_layer.bias is not None, device="meta")
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    if base_layer.bias is not None:
+        module.bias = nn.Parameter(base_layer.bias.detach().to(dtype), requires_grad=False)
+    module.train(layer.training)
+    return module
 
+
+def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every MaskedLinear by a plain module holding the merged weights W0 + delta, remove
+    `model.randmask_config`, and return the model.
+
+    Plain bases are merged on their own storage (no copy): an nn.Linear (transformers Conv1D for GPT-2-style layers).
+    A quantized base (bitsandbytes 4-bit or 8-bit) cannot hold W0 + delta and randmask never requantizes: its layers
+    become new dense nn.Linear layers in `dtype` (required when the model has any; plain layers keep their dtype).
     Parameters keep the requires_grad they have (as PEFT's merge_and_unload does): randmask.apply froze the whole
     model, so the merged model comes back frozen; call `model.requires_grad_(True)` to train it densely."""
-    return _unmask(model, lambda layer: layer.sync())
+    layers = _masked_or_refuse(model, "merge")
+    quantized_layers = [name for name, layer in layers if layer.quantization is not None]
+    if quantized_layers and dtype is None:
+        raise ValueError(f"merge: {len(quantized_layers)} layers (first: {quantized_layers[0]!r}) have quantized "
+                         "bases, which cannot hold W0 + delta; pass the dense dtype to merge them into, e.g. "
+                         "randmask.merge(model, dtype=torch.bfloat16) (randmask never requantizes), or keep the model "
+                         "as it is (additive mode) or save the adapter")
+    if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"merge: dtype must be a floating-point torch dtype, got {dtype!r}")
 
+    def merged(layer: MaskedLinear) -> nn.Module:
+        if layer.quantization is not None:
+            return _dense_of_quantized(layer, dtype)
+        if layer.mode == "additive":  # the base layer's weight takes the merged values
+            weight = layer.base_layer.weight
+            if layer.n:
+                ops.sparse_update(weight.detach().t() if layer.transposed else weight, layer.base, layer.delta,
+                                  layer.mask)
+            return layer.base_layer
+        layer.sync()
+        return _plain_module(layer)
 
-def _write_base(layer: MaskedLinear) -> None:
-    # weight[r_k, c_k] = base[k] + (-0.0): exact for every value including -0.0 (base + 0.0 would turn -0.0 into
-    # +0.0), and through the sparse_update dispatcher so the GPU path needs no index tensor.
-    # float64 weights are written directly: the sparse-update kernels add in float32 and would round them.
-    if not layer.n:
-        return
-    if layer.weight.dtype == torch.float64:
-        rows, cols = layer.mask.positions(layer.weight.device)
-        layer.weight[rows, cols] = layer.base
-    else:
-        ops.sparse_update(layer.weight, layer.base, torch.full_like(layer.delta, -0.0), layer.mask)
+    return _unmask(model, merged)
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Give back the base model (PEFT's `unload`): write the original values W0 back at every masked position,
-    bit-exactly, replace every MaskedLinear by its plain module on the same storage, remove
-    `model.randmask_config`, and return the model. The trained deltas are dropped (save them first).
+    """Give back the base model (PEFT's `unload`): replace every MaskedLinear by its base module, with the original
+    values W0 written back at every masked position, bit-exactly (merged mode; additive mode never wrote them),
+    remove `model.randmask_config`, and return the model. The trained deltas are dropped (save them first).
     Parameters keep their requires_grad, as in `merge`."""
-    return _unmask(model, _write_base)
+    def restored(layer: MaskedLinear) -> nn.Module:
+        layer.restore_base()
+        return layer.base_layer if layer.mode == "additive" else _plain_module(layer)
+
+    return _unmask(model, restored)

@@ -5,6 +5,7 @@ The mask of a layer depends only on (seed, name relative to the model root, shap
 thread count or library version. `MASK_SCHEME` is saved in every adapter; a different function is a new version.
 """
 import hashlib
+import numbers
 import weakref
 
 import torch
@@ -33,9 +34,18 @@ def _check_shape(shape) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
+def _check_key(key) -> int:
+    if not isinstance(key, numbers.Integral) or isinstance(key, bool):
+        raise TypeError(f"key must be an unsigned 64-bit int (randmask.layer_key(seed, name)), got {key!r}")
+    if not 0 <= key < 2**64:
+        raise ValueError(f"key must be an unsigned 64-bit int, got {key!r}")
+    return int(key)
+
+
 def _check_count(n, numel: int) -> int:
-    if not isinstance(n, int) or isinstance(n, bool):
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool):  # numpy integers are Integral too
         raise TypeError(f"n must be an int, got {type(n).__name__}")
+    n = int(n)
     if not 0 <= n <= numel:
         raise ValueError(f"n must be in [0, {numel}] for a matrix of {numel} entries, got {n}")
     return n
@@ -44,15 +54,16 @@ def _check_count(n, numel: int) -> int:
 def count_for_density(shape, density: float) -> int:
     """n = round(density * out * in): the exact number of trainable values at this density."""
     out_features, in_features = _check_shape(shape)
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= density <= 1.0:
+    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0.0 <= density <= 1.0:
         raise ValueError(f"density must be a number in [0, 1], got {density!r}")
-    return round(density * out_features * in_features)
+    return round(float(density) * out_features * in_features)
 
 
 def mask_positions(shape, n: int, key: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols): int64 tensors of length n, slot k at (rows[k], cols[k]). O(n) time and memory."""
     out_features, in_features = _check_shape(shape)
     n = _check_count(n, out_features * in_features)
+    key = _check_key(key)
     device = torch.device("cpu" if device is None else device)
     if n == 0:
         empty = torch.empty(0, dtype=torch.int64, device=device)
@@ -64,6 +75,7 @@ def mask_slots(rows: torch.Tensor, cols: torch.Tensor, shape, n: int, key: int) 
     """Slot of each (rows[i], cols[i]) as int64, -1 where the position is not trainable."""
     out_features, in_features = _check_shape(shape)
     n = _check_count(n, out_features * in_features)
+    key = _check_key(key)
     rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
     if rows.shape != cols.shape or rows.device != cols.device:
         raise ValueError("rows and cols must have the same shape and device")
@@ -90,9 +102,7 @@ class MatrixMask:
     def __init__(self, shape, n: int, key: int):
         self.shape = _check_shape(shape)
         self.n = _check_count(n, self.shape[0] * self.shape[1])
-        if not isinstance(key, int) or not 0 <= key < 2**64:
-            raise ValueError(f"key must be an unsigned 64-bit int, got {key!r}")
-        self.key = key
+        self.key = _check_key(key)
         self._positions = None
         MatrixMask._live[(self.shape, self.n, self.key)] = self
 

@@ -13,6 +13,8 @@ computes each op), randmask/layer.py (the autograd Function and MaskedLinear), r
     sparse_update_many  one sparse_update each          one launch per device, dtype   one sparse_update each
     adamw               torch's single-tensor AdamW     one launch per device, dtype   torch's fused CPU AdamW,
                         ops (+ the merged write)        (AdamW + merged write fused)   then the native write
+    sparse_add          sparse_add_torch                sparse_add_triton              sparse_add_native
+    sparse_add_t        the same three, transposed
 
 Backends by device: CUDA tensors run triton when it is installed, else torch; CPU tensors run native when the
 library is built (kernels/native.py), else torch. `RANDMASK_BACKEND=torch|triton|native` forces one for the process
@@ -38,6 +40,7 @@ from randmask import tuning
 from randmask.kernels import masked_adamw as adamw_op
 from randmask.kernels import masked_grad as grad_op
 from randmask.kernels import native
+from randmask.kernels import sparse_add as add_op
 from randmask.kernels import sparse_update as update_op
 from randmask.kernels.mask_addressing import flat_to_slot_torch, slot_to_flat_torch
 from randmask.kernels.matrix_table import WEIGHT_DTYPES
@@ -231,6 +234,11 @@ def _adamw_fused_cpu(params, hyper) -> None:
             sparse_update(weight, base, p.param, mask)
 
 
+def _sparse_add_torch(out, src, delta, mask, transpose):
+    rows, cols = mask.positions(out.device)
+    return add_op.sparse_add_torch(out, src, delta, *((cols, rows) if transpose else (rows, cols)))
+
+
 _REAL = lambda dtypes: not any(d.is_complex for d in dtypes)  # noqa: E731
 
 IMPLEMENTATIONS: dict[str, dict[str, Impl]] = {
@@ -275,6 +283,24 @@ IMPLEMENTATIONS: dict[str, dict[str, Impl]] = {
         "triton": Impl("triton", _sparse_update_one_launch,
                        lambda dtypes: dtypes[0] in WEIGHT_DTYPES and dtypes[1] == torch.float32),
         "native": Impl("native", _sparse_update_each),
+    },
+    # (out (T, out), x (T, in), delta, mask) -> None: out[t, r_k] += delta[k] x[t, c_k] in place
+    "sparse_add": {
+        "torch": Impl("torch", lambda out, x, d, mask: _sparse_add_torch(out, x, d, mask, False)),
+        "triton": Impl("triton", lambda out, x, d, mask: add_op.sparse_add_triton(out, x, d, mask.n, mask.key,
+                                                                                  mask.shape, False)),
+        "native": Impl("native", lambda out, x, d, mask: native.sparse_add_native(out, x, d, mask.n, mask.key,
+                                                                                  mask.shape, False),
+                       _NATIVE_DTYPES),
+    },
+    # (out (T, in), grad_y (T, out), delta, mask) -> None: out[t, c_k] += delta[k] grad_y[t, r_k] in place
+    "sparse_add_t": {
+        "torch": Impl("torch", lambda out, gy, d, mask: _sparse_add_torch(out, gy, d, mask, True)),
+        "triton": Impl("triton", lambda out, gy, d, mask: add_op.sparse_add_triton(out, gy, d, mask.n, mask.key,
+                                                                                   mask.shape, True)),
+        "native": Impl("native", lambda out, gy, d, mask: native.sparse_add_native(out, gy, d, mask.n, mask.key,
+                                                                                   mask.shape, True),
+                       _NATIVE_DTYPES),
     },
     # ([AdamWParam, ...], hyper) -> None; dtypes: (param,)
     "adamw": {
@@ -395,3 +421,17 @@ def adamw(params, *, lr: float, beta1: float, beta2: float, eps: float, weight_d
         groups.setdefault(select("adamw", p.param.device, (p.param.dtype,)), []).append(p)
     for name, group in groups.items():
         run("adamw", name, group, hyper)
+
+
+def sparse_add(out: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, mask) -> None:
+    """out[t, r_k] += delta[k] x[t, c_k] in place for 2-D out (T, out) and x (T, in): out += x S(delta)^T, the
+    additive forward (kernels/sparse_add.py: fp32 sums in slot order, one rounding per element, deterministic)."""
+    name = select("sparse_add", out.device, (out.dtype, x.dtype))
+    run("sparse_add", name, out, x, delta, mask)
+
+
+def sparse_add_t(out: torch.Tensor, grad_y: torch.Tensor, delta: torch.Tensor, mask) -> None:
+    """out[t, c_k] += delta[k] grad_y[t, r_k] in place for 2-D out (T, in) and grad_y (T, out): out += grad_y S(delta),
+    the additive backward's grad_x term."""
+    name = select("sparse_add_t", out.device, (out.dtype, grad_y.dtype))
+    run("sparse_add_t", name, out, grad_y, delta, mask)

@@ -118,8 +118,9 @@ class MaskedAdamW(Optimizer):
                     state["step"] = torch.tensor(float(state["step"]), dtype=_scalar_dtype())
                 state["step"] += 1
                 layer = layer_of(param)
+                merged = layer is not None and layer.mode == "merged"  # additive layers have no weight to write
                 params.append(ops.AdamWParam(param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                             None if layer is None else (layer.weight, layer.base, layer.mask)))
+                                             (layer.weight, layer.base, layer.mask) if merged else None))
                 if layer is not None:
                     layers.append(layer)
             beta1, beta2 = group["betas"]

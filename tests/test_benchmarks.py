@@ -146,10 +146,20 @@ def _rows(dataset, bench):
 @pytest.mark.full
 def test_every_script_explains_itself():
     for script in ("bench_masked_grad.py", "bench_update.py", "bench_positions.py", "bench_overhead.py",
-                   "bench_e2e.py", "profile_step.py", "report.py"):
+                   "bench_sparse_add.py", "bench_e2e.py", "profile_step.py", "report.py"):
         done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}, timeout=120)
         assert done.returncode == 0 and len(done.stdout) > 500, script
+
+
+def test_bench_sparse_add_times_every_implementation_and_the_dense_baseline(dataset):
+    _run("bench_sparse_add.py", dataset, "--shapes", "24x40", "--tokens", "32", "--densities", "0.05,0.5",
+         "--repeats", "3", "--threads", "1")
+    rows = _rows(dataset, "sparse_add")
+    want = {"torch", "dense"} | ({"native"} if HAS_NATIVE else set())
+    for op in ("sparse_add", "sparse_add_t"):
+        assert {row["variant"] for row in rows if row["params"]["op"] == op} >= want
+    assert all(len(row["seconds"]) == 3 for row in rows)
 
 
 @pytest.mark.full
@@ -236,3 +246,126 @@ def test_report_cli_lists_adds_and_renders_a_chosen_run(dataset, tmp_path):
     cli("--run", device_run.id, "--out", str(tmp_path / "one"))
     assert [p.name for p in (tmp_path / "one").glob("*.md")] == [f"{report.stem(device_run.rows[0], True)}.md"]
     assert sum(1 for line in dataset.read_text().splitlines() if json.loads(line)["run"] == device_run.id) == 1
+
+
+# ---------------------------------------------------------------------------------------------------- quantized bases
+def _step_args(**overrides):
+    import argparse
+
+    import bench_e2e
+
+    parser = argparse.ArgumentParser()
+    bench_e2e.add_step_arguments(parser)
+    args = parser.parse_args(["--shape", "tiny", "--batch", "1", "--seq", "8"])
+    return argparse.Namespace(**{**vars(args), "setting": "qv", "method": "frozen", **overrides})
+
+
+def test_bench_e2e_builds_a_quantized_shape_from_meta_a_layer_at_a_time():
+    import bench_e2e
+    import bitsandbytes as bnb
+    import torch
+
+    from randmask import count_parameters
+
+    model = bench_e2e.build_model(_step_args(quantize="4bit"))
+    plain = bench_e2e.build_model(_step_args())
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert type(linears.pop("lm_head")) is torch.nn.Linear and len(linears) == 14
+    assert all(isinstance(m, bnb.nn.Linear4bit) and m.weight.quant_state.nested for m in linears.values())
+    assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the tied head stays tied
+    assert count_parameters(model) == count_parameters(plain)
+    norm = model.model.layers[0].input_layernorm.weight
+    assert torch.equal(norm, torch.ones_like(norm)) and not model.model.embed_tokens.weight.requires_grad
+
+
+@pytest.mark.parametrize("quantize", ["none", "4bit"])
+def test_bench_e2e_methods_step_on_a_plain_and_a_4bit_base(quantize):
+    import bench_e2e
+
+    import randmask
+
+    trainable = {}
+    for method in ("frozen", "randmask", "randmask-additive", "lora", "shira"):
+        model, step, params = bench_e2e.prepare(_step_args(quantize=quantize, method=method))
+        step()
+        trainable[method] = sum(p.numel() for p in params)
+        modes = {layer.mode for _, layer in randmask.masked_layers(model)}
+        if method.startswith("randmask"):
+            assert modes == {"additive" if method == "randmask-additive" or quantize == "4bit" else "merged"}
+    # q,v at 0.01% of the model: the share of the unpacked count, the same on either base
+    plain_total = sum(p.numel() for p in bench_e2e.build_model(_step_args()).parameters())
+    assert trainable["randmask"] == trainable["randmask-additive"] == round(1e-4 * plain_total)
+    assert trainable["frozen"] == 0 and trainable["lora"] == trainable["shira"] == 2 * 8 * (64 + 64 + 64 + 32)
+    if quantize == "4bit":
+        with pytest.raises(ValueError, match="cannot hold"):
+            bench_e2e.prepare(_step_args(quantize=quantize, method="naive"))
+
+
+def test_bench_e2e_out_of_memory_is_a_result(monkeypatch, capsys):
+    import bench_e2e
+    import torch
+
+    def oom(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench_e2e, "prepare", oom)
+    bench_e2e.run_method(_step_args(method="randmask", warmup=1, steps=1))
+    assert json.loads(capsys.readouterr().out) == {"method": "randmask", "oom": True, "peak_bytes": None,
+                                                   "error": "CUDA out of memory. Tried to allocate 2.00 GiB"}
+
+
+def test_fits_tries_the_largest_shape_first_and_stops_at_the_first_that_fits(dataset, monkeypatch):
+    import bench_e2e
+
+    calls = []
+
+    def fake(args, method, setting):
+        calls.append((args.shape, method, setting))
+        if args.shape == "8b":
+            return {"method": method, "oom": True, "peak_bytes": 140 << 30}
+        return {"method": method, "step_s": 0.01, "steps_s": [0.01, 0.012], "trainable": 10,
+                "peak_bytes": (100 if method == "randmask" else 120) << 20}
+
+    monkeypatch.setattr(bench_e2e, "run_in_process", fake)
+    bench_e2e.find_largest_fit(_step_args(fits="tiny,8b", quantize="4bit", dtype="bfloat16", device="cpu",
+                                          warmup=1, steps=2, results=str(dataset), tag="", no_report=False))
+    assert calls == [("8b", "randmask", "qv"), ("tiny", "randmask", "qv"), ("tiny", "lora", "qv")]
+    rows = _rows(dataset, "fits")
+    assert [(r["params"]["shape"], r["variant"], r["oom"], r["s"]) for r in rows] == [
+        ("8b", "randmask", True, None), ("tiny", "randmask", False, 0.011), ("tiny", "lora", False, 0.011)]
+    text = (dataset.parent / f"{report.stem(rows[0])}.md").read_text()
+    assert "| 8b | 8.0 G | out of memory | not run |" in text and "| 100 | 120 | 0.83 |" in text
+    assert "Largest that fits: tiny." in text
+
+
+def test_report_names_the_quantized_base_and_compares_additive_with_merged(dataset):
+    plain, four = harness.Run("e2e", "cpu", "tiny_float32", dataset), harness.Run("e2e", "cpu", "tiny_4bit", dataset)
+    base = {"shape": "tiny", "dtype": "float32", "batch": 1, "seq": 8, "compile": "none", "mode": "one-process",
+            "setting": "qv"}
+    for method, t in (("frozen", 1.0), ("randmask", 1.02), ("randmask-additive", 1.05)):
+        plain.add({**base, "quantize": "none"}, method, [t, t])
+    for method, t in (("frozen", 2.0), ("randmask", 2.1), ("lora", 2.2)):
+        four.add({**base, "quantize": "4bit"}, method, [t, t])
+    texts = [p.read_text() for p in report.write_reports(harness.read_rows(dataset), dataset.parent, plots=False)]
+    plain_text, four_text = sorted(texts, key=lambda text: "4bit base" in text)
+    assert "randmask-additive × randmask (merged): 1.03 median step, 1.03 (1.03–1.03) by round (target" in plain_text
+    assert "tiny shape, float32, 4bit base" in four_text and "lora is QLoRA" in four_text
+    assert "| randmask | 0 | 2100.0 | 1.05 | 0.95 |" in four_text and "randmask-additive ×" not in four_text
+
+
+@pytest.mark.full
+def test_bench_e2e_quantized_one_process_and_fits_at_the_tiny_shape(dataset):
+    small = ["--shape", "tiny", "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "1", "--quantize", "4bit"]
+    out = _run("bench_e2e.py", dataset, *small, "--one-process", "--settings", "qv",
+               "--methods", "frozen,randmask,lora,shira,full")
+    assert "skipped on a 4bit base (they write the weights): full" in out
+    out = _run("bench_e2e.py", dataset, *small, "--fits", "tiny")
+    assert "largest shape whose q,v randmask step fits: tiny" in out
+    e2e = _rows(dataset, "e2e")
+    assert {r["variant"] for r in e2e} == {"frozen", "randmask", "lora", "shira"}
+    assert {r["table"] for r in e2e} == {"tiny_float32_4bit_one-process"}
+    assert all(r["params"]["quantize"] == "4bit" for r in e2e)
+    fits = _rows(dataset, "fits")
+    assert [(r["variant"], r["oom"]) for r in fits] == [("randmask", False), ("lora", False)]
+    assert all(r["peak_bytes"] > 0 for r in fits)

@@ -30,3 +30,18 @@ def test_quickstart_runs_as_written(tmp_path, monkeypatch):
     assert (tmp_path / "adapter.safetensors").exists()
     assert not any(type(m).__name__ == "MaskedLinear" for m in namespace["model"].modules())
     assert torch.equal(merged, trained_logits["x"])
+
+
+def test_the_readme_4bit_example_runs_as_written(tmp_path):
+    from test_quantized import tiny_llama
+
+    import randmask
+
+    code = next(block for block in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+                if "load_in_4bit" in block)
+    tiny_llama().save_pretrained(tmp_path)
+    namespace = {"path": tmp_path, "randmask": randmask, "torch": torch}
+    exec(compile(code, "readme-4bit", "exec"), namespace)
+    attention = namespace["merged"].model.layers[0].self_attn  # q_proj, v_proj masked (additive), then merged
+    assert type(attention.q_proj) is torch.nn.Linear and attention.q_proj.weight.dtype == torch.bfloat16
+    assert type(attention.k_proj).__name__ == "Linear4bit"

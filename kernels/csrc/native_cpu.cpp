@@ -19,6 +19,8 @@
 //      contiguous vectors, four slots of one row at a time (one load of the grad_y row feeds four FMA chains, and
 //      their four sums are reduced together), added into g[k]; barrier, next chunk. The blocks are fixed, so
 //      results do not depend on the thread count.
+// Sparse add (out += src S(delta)^T, or src S(delta) transposed): slots sorted by destination column, tiles of 64
+// tokens, each column's sums in registers; see the comment that opens its kernel ("Sparse add, ...") below.
 // Gather / sparse update: threads over blocks of 1024 slots (positions of a block, then the reads or the rounded
 // writes). The loops exist for AVX-512, AVX2+FMA+F16C (intrinsics or vectorised C++ under per-function target
 // attributes) and portable C++; the best this CPU supports is picked when the library loads, so the library
@@ -298,6 +300,9 @@ struct Avx512 {
     RANDMASK_TARGET("avx512f") static V load(const float* p) { return _mm512_load_ps(p); }
     RANDMASK_TARGET("avx512f") static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
     RANDMASK_TARGET("avx512f") static V add(V a, V b) { return _mm512_add_ps(a, b); }
+    RANDMASK_TARGET("avx512f") static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+    RANDMASK_TARGET("avx512f") static V set1(float a) { return _mm512_set1_ps(a); }
+    RANDMASK_TARGET("avx512f") static void store(float* p, V a) { _mm512_store_ps(p, a); }
     RANDMASK_TARGET("avx512f") static float sum(V a, V b) { return hsum512(_mm512_add_ps(a, b)); }
     // out[j] = sum of the floats of v_j, j < 4: the four 512-bit vectors reduced together
     RANDMASK_TARGET("avx512f") static void sum4(V v0, V v1, V v2, V v3, float* out) {
@@ -325,6 +330,9 @@ struct Avx2 {
     RANDMASK_TARGET("avx2,fma") static V load(const float* p) { return _mm256_load_ps(p); }
     RANDMASK_TARGET("avx2,fma") static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
     RANDMASK_TARGET("avx2,fma") static V add(V a, V b) { return _mm256_add_ps(a, b); }
+    RANDMASK_TARGET("avx2,fma") static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+    RANDMASK_TARGET("avx2,fma") static V set1(float a) { return _mm256_set1_ps(a); }
+    RANDMASK_TARGET("avx2,fma") static void store(float* p, V a) { _mm256_store_ps(p, a); }
     RANDMASK_TARGET("avx2,fma") static float sum(V a, V b) { return hsum256(_mm256_add_ps(a, b)); }
     RANDMASK_TARGET("avx2,fma") static void sum4(V v0, V v1, V v2, V v3, float* out) {
         const V t0 = _mm256_add_ps(_mm256_unpacklo_ps(v0, v1), _mm256_unpackhi_ps(v0, v1));
@@ -469,17 +477,210 @@ void positions_avx2(const randmask_mask_t& m, uint32_t k0, int64_t count, uint32
 }
 #endif
 
+// The sums of the sparse add (see sparse_add_tile): for the column groups g in [g0, g1),
+//   acc[(g - g0) * kAddTile + t] = sum over i in [beg[g], beg[g + 1]), in order, of d[i] * S[off[i] * kAddTile + t]
+// for the kAddTile tokens t of a tile, started from +0. The product is rounded to fp32 before the add, as the
+// contract (kernels/sparse_add.py) and the torch twin have it: no fused multiply-add, so every ISA gives bitwise the
+// same sums. Each group's kAddTile lanes are independent add chains (4 AVX-512 / 8 AVX2 vectors), which hides the
+// add latency of a group's serial sum.
+constexpr int64_t kAddTile = 64;   // tokens per tile of the sparse add: a multiple of 16
+constexpr int64_t kAddBlock = 64;  // destination columns per block of sums (acc, acc_t: 16 KiB each)
+using AddFn = void (*)(const float*, const uint32_t*, const float*, const uint32_t*, int64_t, int64_t, float*);
+
+void add_groups_portable(const float* __restrict S, const uint32_t* __restrict off, const float* __restrict d,
+                         const uint32_t* __restrict beg, int64_t g0, int64_t g1, float* __restrict acc) {
+    for (int64_t g = g0; g < g1; ++g) {
+        float* a = acc + (g - g0) * kAddTile;
+        for (int64_t t = 0; t < kAddTile; ++t) a[t] = 0.f;
+        for (uint32_t i = beg[g]; i < beg[g + 1]; ++i) {
+            const float dv = d[i];
+            const float* s = S + (int64_t)off[i] * kAddTile;
+#if defined(__FP_FAST_FMAF) && (defined(__GNUC__) || defined(__clang__))
+            // a baseline with FMA (not x86-64): products through memory, so the compiler cannot fuse them
+            alignas(64) float p[kAddTile];
+            for (int64_t t = 0; t < kAddTile; ++t) p[t] = dv * s[t];
+            __asm__ volatile("" : : "r"(p) : "memory");
+            for (int64_t t = 0; t < kAddTile; ++t) a[t] += p[t];
+#else
+#pragma omp simd
+            for (int64_t t = 0; t < kAddTile; ++t) a[t] += dv * s[t];  // no FMA in baseline x86-64: never fused
+#endif
+        }
+    }
+}
+
+#if RANDMASK_X86
+template <class Simd>
+struct AddSimd {
+    using V = typename Simd::V;
+    static constexpr int64_t W = Simd::W, NV = kAddTile / Simd::W;
+    static void groups(const float* __restrict S, const uint32_t* __restrict off, const float* __restrict d,
+                       const uint32_t* __restrict beg, int64_t g0, int64_t g1, float* __restrict acc) {
+        for (int64_t g = g0; g < g1; ++g) {
+            V a[NV];
+            for (int64_t v = 0; v < NV; ++v) a[v] = Simd::zero();
+            for (uint32_t i = beg[g]; i < beg[g + 1]; ++i) {
+                const V dv = Simd::set1(d[i]);
+                const float* s = S + (int64_t)off[i] * kAddTile;
+                for (int64_t v = 0; v < NV; ++v) {
+                    V p = Simd::mul(dv, Simd::load(s + v * W));
+                    __asm__("" : "+v"(p));  // opaque to the compiler: GCC would fuse mul + add into an FMA
+                    a[v] = Simd::add(a[v], p);
+                }
+            }
+            for (int64_t v = 0; v < NV; ++v) Simd::store(acc + (g - g0) * kAddTile + v * W, a[v]);
+        }
+    }
+};
+
+RANDMASK_TARGET("avx512f")
+__attribute__((flatten)) void add_groups_avx512(const float* S, const uint32_t* off, const float* d,
+                                                const uint32_t* beg, int64_t g0, int64_t g1, float* acc) {
+    AddSimd<Avx512>::groups(S, off, d, beg, g0, g1, acc);
+}
+
+RANDMASK_TARGET("avx2,fma")
+__attribute__((flatten)) void add_groups_avx2(const float* S, const uint32_t* off, const float* d,
+                                              const uint32_t* beg, int64_t g0, int64_t g1, float* acc) {
+    AddSimd<Avx2>::groups(S, off, d, beg, g0, g1, acc);
+}
+#endif
+
+// The write-back of one block of the sparse add into an out with contiguous rows, in vectors:
+//   out[t * ost + col[g]] = round(out + acc_t[t * kAddBlock + g])   for t < tc, g < len (col increasing)
+// Per vector of W consecutive columns of out that holds touched ones: the block's sums for them, loaded contiguous
+// and spread to their lanes (AVX-512 expand; AVX2 a permutation from a table), added to a masked load of out and
+// stored masked, so untouched elements are neither read nor written. The same IEEE add and the same roundings as
+// the scalar loop (randmask_dtype.h's, NaN included): the bits do not depend on the ISA. Returns false (nothing
+// written) for what it does not handle (AVX2: fp16/bf16 outs) and when under a quarter of the lanes would be
+// touched: the scalar loop is cheaper then. acc_t rows are read up to W - 1 floats past len (the scratch has room).
+using BackFn = bool (*)(int, void*, int64_t, int64_t, const uint32_t*, int64_t, const float*);
+
+#if RANDMASK_X86
+// The vectors of a block: vector v covers columns [at, at + W) of out, lanes `mask`, its sums from acc_t[start].
+struct BackVectors {
+    int64_t count = 0;
+    int64_t at[kAddBlock];
+    uint32_t mask[kAddBlock], start[kAddBlock];
+    BackVectors(const uint32_t* col, int64_t len, uint32_t w) {
+        for (int64_t g = 0; g < len; ++g) {
+            const uint32_t lane = (col[g] - col[0]) % w;
+            const int64_t base = (int64_t)col[g] - lane;
+            if (!count || at[count - 1] != base) {
+                at[count] = base, mask[count] = 0, start[count] = (uint32_t)g;
+                ++count;
+            }
+            mask[count - 1] |= 1u << lane;
+        }
+    }
+};
+
+#define RANDMASK_AVX512_BACK "avx512f,avx512bw,avx512vl,f16c"
+
+// out[lanes m of o] = round_D(float(out) + sums) for 16 elements of an fp16/bf16 out: randmask_dtype.h's roundings,
+// NaN to its canonical 0x7E00 / 0x7FC0. The maskz forms (on every lane) dodge GCC 12's -Wmaybe-uninitialized false
+// positive inside its own headers, as in add_lanes512.
+template <int D>
+RANDMASK_TARGET(RANDMASK_AVX512_BACK)
+inline void add16_avx512(uint16_t* o, __mmask16 m, __m512 sums) {
+    const __mmask16 all = 0xFFFF;
+    const __m256i h = _mm256_maskz_loadu_epi16(m, o);
+    const __m512 x = D == RANDMASK_F16 ? _mm512_maskz_cvtph_ps(all, h)
+                                       : _mm512_castsi512_ps(_mm512_maskz_slli_epi32(
+                                             all, _mm512_maskz_cvtepu16_epi32(all, h), 16));
+    const __m512 r = _mm512_add_ps(x, sums);
+    const __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
+    __m256i narrow;
+    if constexpr (D == RANDMASK_F16) {
+        narrow = _mm512_maskz_cvtps_ph(all, r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        narrow = _mm256_mask_mov_epi16(narrow, nan, _mm256_set1_epi16(0x7E00));
+    } else {  // (u + 0x7FFF + ((u >> 16) & 1)) >> 16, as randmask_f32_to_bf16
+        const __m512i u = _mm512_castps_si512(r);
+        const __m512i odd = _mm512_and_si512(_mm512_maskz_srli_epi32(all, u, 16), _mm512_set1_epi32(1));
+        const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd);
+        const __m512i rounded = _mm512_mask_mov_epi32(_mm512_maskz_srli_epi32(all, sum, 16), nan,
+                                                      _mm512_set1_epi32(0x7FC0));
+        narrow = _mm512_maskz_cvtepi32_epi16(all, rounded);
+    }
+    _mm256_mask_storeu_epi16(o, m, narrow);
+}
+
+template <int D>
+RANDMASK_TARGET(RANDMASK_AVX512_BACK)
+void add_back_avx512_rows(void* out, int64_t ost, int64_t tc, const BackVectors& v, const float* acc_t) {
+    for (int64_t t = 0; t < tc; ++t) {
+        const float* a = acc_t + t * kAddBlock;
+        for (int64_t i = 0; i < v.count; ++i) {
+            const __mmask16 m = (__mmask16)v.mask[i];
+            const __m512 sums = _mm512_maskz_expand_ps(m, _mm512_loadu_ps(a + v.start[i]));
+            if constexpr (D == RANDMASK_F32) {
+                float* o = static_cast<float*>(out) + t * ost + v.at[i];
+                _mm512_mask_storeu_ps(o, m, _mm512_maskz_add_ps(m, _mm512_maskz_loadu_ps(m, o), sums));
+            } else {
+                add16_avx512<D>(static_cast<uint16_t*>(out) + t * ost + v.at[i], m, sums);
+            }
+        }
+    }
+}
+
+RANDMASK_TARGET(RANDMASK_AVX512_BACK)
+bool add_back_avx512(int dtype, void* out, int64_t ost, int64_t tc, const uint32_t* col, int64_t len,
+                     const float* acc_t) {
+    const BackVectors v(col, len, 16);
+    if (4 * len < 16 * v.count) return false;
+    if (dtype == RANDMASK_F32) add_back_avx512_rows<RANDMASK_F32>(out, ost, tc, v, acc_t);
+    else if (dtype == RANDMASK_F16) add_back_avx512_rows<RANDMASK_F16>(out, ost, tc, v, acc_t);
+    else add_back_avx512_rows<RANDMASK_BF16>(out, ost, tc, v, acc_t);
+    return true;
+}
+
+// kExpand8.idx[m]: the permutation that puts the first popcount(m) floats of a vector in m's lanes, in order.
+struct Expand8 {
+    int32_t idx[256][8];
+    constexpr Expand8() : idx() {
+        for (int m = 0; m < 256; ++m)
+            for (int lane = 0, j = 0; lane < 8; ++lane) idx[m][lane] = (m >> lane) & 1 ? j++ : 0;
+    }
+};
+constexpr Expand8 kExpand8{};
+
+RANDMASK_TARGET("avx2,fma")
+bool add_back_avx2(int dtype, void* out_, int64_t ost, int64_t tc, const uint32_t* col, int64_t len,
+                   const float* acc_t) {
+    if (dtype != RANDMASK_F32) return false;
+    float* out = static_cast<float*>(out_);
+    const BackVectors v(col, len, 8);
+    if (4 * len < 8 * v.count) return false;
+    const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for (int64_t t = 0; t < tc; ++t) {
+        float* o = out + t * ost;
+        const float* a = acc_t + t * kAddBlock;
+        for (int64_t i = 0; i < v.count; ++i) {
+            const __m256i lanes = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)v.mask[i]), bits), bits);
+            const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kExpand8.idx[v.mask[i]]));
+            const __m256 sums = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(a + v.start[i]), idx),
+                                              _mm256_castsi256_ps(lanes));  // untouched lanes: +0, not garbage
+            const __m256 x = _mm256_maskload_ps(o + v.at[i], lanes);
+            _mm256_maskstore_ps(o + v.at[i], lanes, _mm256_add_ps(x, sums));
+        }
+    }
+    return true;
+}
+#endif
+
 struct Isa {
     const char* name;
     DotFn dot;
     PosFn pos;
+    AddFn add;
+    BackFn back;          // null: the scalar write-back
     bool fast_transpose;  // AVX2 + F16C 8x8 transposes
 };
 
-const Isa kPortable = {"portable", dot_slots_portable, positions_portable, false};
+const Isa kPortable = {"portable", dot_slots_portable, positions_portable, add_groups_portable, nullptr, false};
 #if RANDMASK_X86
-const Isa kAvx2 = {"avx2", dot_slots_avx2, positions_avx2, true};
-const Isa kAvx512 = {"avx512f", dot_slots_avx512, positions_avx512, true};
+const Isa kAvx2 = {"avx2", dot_slots_avx2, positions_avx2, add_groups_avx2, add_back_avx2, true};
+const Isa kAvx512 = {"avx512f", dot_slots_avx512, positions_avx512, add_groups_avx512, add_back_avx512, true};
 #endif
 
 // The loops for this CPU (or the ones randmask_cpu_select_isa chose, for tests and benchmarks).
@@ -559,6 +760,125 @@ void gather_impl(const randmask_mask_t& m, PosFn pos, const E* weight, int64_t s
         const int64_t count = std::min(kPosBlock, n - k0);
         pos(m, (uint32_t)k0, count, rows, cols);
         for (int64_t i = 0; i < count; ++i) base[k0 + i] = weight[rows[i] * sr + cols[i] * sc];
+    }
+}
+
+// Sparse add, out[t, dst_k] += delta[k] * src[t, src_k] for k < n (forward: dst = r, src = c; transposed: dst = c,
+// src = r). Each touched element is written once, round(out + acc) with acc the fp32 sum, in slot order, of the
+// fp32-rounded products (never fused: see add_groups_*), so every ISA and thread count gives the same bits as the
+// torch twin; elements no slot reaches are never written. Cost O(T n); per call:
+//   1. positions (threads over blocks of kPosBlock slots); then on one thread, O(n + in + out): a stable counting
+//      sort of the slots by destination column (slot order kept within a column, so every element's sum keeps the
+//      contract's order), delta copied into that order, and the rows of S: the source columns read, in increasing
+//      order, or every column when the 8x8 transposes apply and a quarter or more are read;
+//   2. threads take tiles of kAddTile = 64 tokens (dynamic; a tile is computed the same way on any thread): the
+//      tile's rows of S = fp32 src[tile, column] (64 tokens per row), then per block of kAddBlock = 64 destination
+//      columns: each column's 64 sums in registers (AddFn), stored as acc[column][token], transposed to
+//      acc_t[token][column] (16 KiB each, in L1), and added into out row by row: masked vectors (BackFn) when the
+//      touched columns fill a quarter or more of the vectors they meet, else a contiguous run per row when the
+//      block's columns are consecutive (as they are from ~1% density), else one scalar per element.
+// Summing whole columns in registers leaves no scattered read-modify-write of an accumulator, and only the touched
+// elements of out are read and written. Designs measured and dropped: a per-token loop without S (slower at every
+// density down to 1e-4 on SmolLM2's shapes), 16- or 32-token tiles (fewer independent add chains per column),
+// blocks of 256+ columns (no faster, and a long block rarely has all its columns touched). Scratch: ~20 bytes per
+// slot, 8-12 per column, (rows of S + 128) x 64 floats per thread.
+constexpr int64_t kAddSerialWork = 1 << 14;  // below this many token x slot products one thread does the call
+
+// S[u * kAddTile + t] = float(src[t0 + t, col(u)]) for u < nu, t < tc, zero for tc <= t < kAddTile; col(u) = ucol[u],
+// or u itself when ucol is null. Every column with contiguous features: the 8x8 register transposes, in spans of
+// kAddSpan columns (32 KiB of S, so each line of S is completed in L1). Otherwise scalar, row by row over blocks of
+// kAddSpan / 2 columns (a block's lines of S stay in L1 while the tile's rows are read).
+constexpr int64_t kAddSpan = 128;
+
+template <int D>
+void add_gather(const void* src, int64_t st, int64_t sc, int64_t t0, int64_t tc, const uint32_t* ucol, int64_t nu,
+                float* S, bool fast) {
+#if RANDMASK_X86
+    if (!ucol && fast && sc == 1) {
+        for (int64_t fb = 0; fb < nu; fb += kAddSpan)
+            transpose_tile_avx2<D>(src, st, t0, tc, fb, std::min(fb + kAddSpan, nu), S, kAddTile);
+    } else
+#else
+    (void)fast;
+#endif
+    {
+        for (int64_t u0 = 0; u0 < nu; u0 += kAddSpan / 2) {
+            const int64_t u1 = std::min(u0 + kAddSpan / 2, nu);
+            for (int64_t t = 0; t < tc; ++t) {
+                const int64_t row = (t0 + t) * st;
+                for (int64_t u = u0; u < u1; ++u)
+                    S[u * kAddTile + t] = load_f32<D>(src, row + (int64_t)(ucol ? ucol[u] : u) * sc);
+            }
+        }
+    }
+    if (tc < kAddTile)
+        for (int64_t u = 0; u < nu; ++u) std::memset(S + u * kAddTile + tc, 0, sizeof(float) * (size_t)(kAddTile - tc));
+}
+
+// out[t0 + t, dst[g]] = round(out + acc_t[t * kAddBlock + g - g0]) for t < tc, g in [g0, g1), row by row, in scalars
+// (what BackFn declines). When the block's columns are consecutive and out's are contiguous, a row's update is one
+// contiguous run.
+template <int D>
+void add_back(void* out, int64_t ost, int64_t osc, int64_t t0, int64_t tc, const uint32_t* dst, int64_t g0,
+              int64_t g1, const float* acc_t) {
+    const int64_t len = g1 - g0;
+    const uint32_t* col = dst + g0;
+    if (osc == 1 && (int64_t)(col[len - 1] - col[0]) == len - 1) {
+        for (int64_t t = 0; t < tc; ++t) {
+            const float* __restrict a = acc_t + t * kAddBlock;
+            const int64_t row = (t0 + t) * ost + col[0];
+            if constexpr (D == RANDMASK_F32) {
+                float* __restrict o = static_cast<float*>(out) + row;
+                for (int64_t g = 0; g < len; ++g) o[g] += a[g];
+            } else {
+                for (int64_t g = 0; g < len; ++g) store_rounded<D>(out, row + g, load_f32<D>(out, row + g) + a[g]);
+            }
+        }
+        return;
+    }
+    for (int64_t t = 0; t < tc; ++t) {
+        const float* a = acc_t + t * kAddBlock;
+        const int64_t row = (t0 + t) * ost;
+        for (int64_t g = 0; g < len; ++g) {
+            const int64_t i = row + (int64_t)col[g] * osc;
+            store_rounded<D>(out, i, load_f32<D>(out, i) + a[g]);
+        }
+    }
+}
+
+// The prepared slots of one call (step 1 above), shared by the tiles.
+struct AddPlan {
+    const uint32_t* off;    // per sorted slot: its source column's row of S
+    const float* delta;     // per sorted slot: delta
+    const uint32_t* beg;    // groups + 1 offsets into the sorted slots
+    const uint32_t* dst;    // per group: its destination column
+    int64_t groups;
+    const uint32_t* ucol;   // the source columns read, increasing; null: every column
+    int64_t nu;             // rows of S
+};
+
+void sparse_add_tile(const AddPlan& plan, AddFn add, BackFn back, bool fast, const randmask_matrix_t& out,
+                     const randmask_matrix_t& src, int64_t t0, int64_t tc, float* S, float* acc, float* acc_t) {
+    with_dtype(src.dtype, [&](auto sd) {
+        add_gather<decltype(sd)::value>(src.data, src.stride_r, src.stride_c, t0, tc, plan.ucol, plan.nu, S, fast);
+    });
+    for (int64_t g0 = 0; g0 < plan.groups; g0 += kAddBlock) {
+        const int64_t g1 = std::min(g0 + kAddBlock, plan.groups);
+        add(S, plan.off, plan.delta, plan.beg, g0, g1, acc);
+        // acc[g][t] -> acc_t[t][g]: the write-back walks rows of out
+#if RANDMASK_X86
+        if (fast) transpose_tile_avx2<RANDMASK_F32>(acc, kAddTile, 0, g1 - g0, 0, tc, acc_t, kAddBlock);
+        else transpose_tile_portable<RANDMASK_F32>(acc, kAddTile, 1, 0, g1 - g0, 0, tc, acc_t, kAddBlock);
+#else
+        transpose_tile_portable<RANDMASK_F32>(acc, kAddTile, 1, 0, g1 - g0, 0, tc, acc_t, kAddBlock);
+#endif
+        if (back && out.stride_c == 1 &&
+            back(out.dtype, static_cast<char*>(out.data) + t0 * out.stride_r * (int64_t)dtype_size(out.dtype),
+                 out.stride_r, tc, plan.dst + g0, g1 - g0, acc_t))
+            continue;
+        with_dtype(out.dtype, [&](auto od) {
+            add_back<decltype(od)::value>(out.data, out.stride_r, out.stride_c, t0, tc, plan.dst, g0, g1, acc_t);
+        });
     }
 }
 
@@ -754,6 +1074,111 @@ int randmask_cpu_sparse_update(const randmask_matrix_t* weight, const randmask_v
                                                                   weight->stride_c, base->data, d, n, nt);
         });
     });
+    return RANDMASK_OK;
+}
+
+int randmask_cpu_sparse_add(const randmask_matrix_t* out, const randmask_matrix_t* src, const randmask_vector_t* delta,
+                            const randmask_mask_args_t* mask_args, int transpose, int nthreads) {
+    if (!out || !src || !delta || !mask_args || (transpose != 0 && transpose != 1)) return RANDMASK_EINVAL;
+    if (!valid_dtype(out->dtype) || !valid_dtype(src->dtype) || delta->dtype != RANDMASK_F32) return RANDMASK_EDTYPE;
+    if (!valid_mask(mask_args)) return RANDMASK_EINVAL;
+    const int64_t n = mask_args->n, tokens = out->rows;
+    const int64_t dst_w = transpose ? mask_args->in : mask_args->out, src_w = transpose ? mask_args->out : mask_args->in;
+    if (src->rows != tokens || tokens < 0 || out->cols != dst_w || src->cols != src_w || delta->length != n ||
+        (n && !delta->data))
+        return RANDMASK_EINVAL;
+    if (n == 0 || tokens == 0) return RANDMASK_OK;
+    if (!out->data || !src->data) return RANDMASK_EINVAL;
+    const randmask_mask_t m = make_mask(mask_args);
+    const float* d = static_cast<const float*>(delta->data);
+    try {
+        const Isa isa = g_isa;
+        const int64_t tiles = (tokens + kAddTile - 1) / kAddTile;
+        int nt = threads_for(nthreads);
+        if (n * tokens < kAddSerialWork) nt = 1;
+        nt = (int)std::min<int64_t>(nt, tiles);
+        // per slot: positions, then the sorted slots' S rows and deltas; per destination column: write cursor,
+        // group offsets, group columns; per source column: its S row, the columns read
+        Scratch pbuf(sizeof(uint32_t) * (size_t)(4 * n + 3 * dst_w + 1 + 2 * src_w));
+        if (!pbuf.p) return RANDMASK_ENOMEM;
+        uint32_t* rows = pbuf.as<uint32_t>();
+        uint32_t* cols = rows + n;
+        uint32_t* off = cols + n;
+        float* sdelta = reinterpret_cast<float*>(off + n);
+        uint32_t* cursor = off + 2 * n;
+        uint32_t* beg = cursor + dst_w;
+        uint32_t* gdst = beg + dst_w + 1;
+        uint32_t* sid = gdst + dst_w;
+        uint32_t* ucol = sid + src_w;
+#pragma omp parallel for num_threads(nt) schedule(static) if (n > 4 * kPosBlock)
+        for (int64_t k0 = 0; k0 < n; k0 += kPosBlock)
+            isa.pos(m, (uint32_t)k0, std::min(kPosBlock, n - k0), rows + k0, cols + k0);
+        const uint32_t* kdst = transpose ? cols : rows;
+        const uint32_t* ksrc = transpose ? rows : cols;
+        // stable counting sort by destination column; the groups are the columns with slots
+        std::memset(cursor, 0, sizeof(uint32_t) * (size_t)dst_w);
+        std::memset(sid, 0, sizeof(uint32_t) * (size_t)src_w);
+        for (int64_t k = 0; k < n; ++k) {
+            ++cursor[kdst[k]];
+            sid[ksrc[k]] = 1;
+        }
+        int64_t groups = 0;
+        uint32_t run = 0;
+        for (int64_t j = 0; j < dst_w; ++j) {
+            const uint32_t count = cursor[j];
+            cursor[j] = run;
+            if (count) {
+                gdst[groups] = (uint32_t)j;
+                beg[groups++] = run;
+            }
+            run += count;
+        }
+        beg[groups] = run;
+        int64_t nu = 0;
+        for (int64_t c = 0; c < src_w; ++c)
+            if (sid[c]) ucol[nu++] = (uint32_t)c;
+        // every column when the 8x8 transposes can copy them and a quarter or more are read (a transposed column
+        // costs about a quarter of a gathered one), else the columns read
+        const bool every = isa.fast_transpose && src->stride_c == 1 ? 4 * nu >= src_w : nu == src_w;
+        if (every) {
+            nu = src_w;
+            for (int64_t c = 0; c < src_w; ++c) sid[c] = (uint32_t)c;
+        } else {
+            for (int64_t u = 0; u < nu; ++u) sid[ucol[u]] = (uint32_t)u;
+        }
+        for (int64_t k = 0; k < n; ++k) {
+            const uint32_t at = cursor[kdst[k]]++;
+            off[at] = sid[ksrc[k]];
+            sdelta[at] = d[k];
+        }
+        const AddPlan plan = {off, sdelta, beg, gdst, groups, every ? nullptr : ucol, nu};
+        // S, acc, acc_t and the vector write-back's reads past acc_t's last row
+        const size_t per_thread = (size_t)round_up((nu + 2 * kAddBlock) * kAddTile + kAlign, kAlign);
+        Scratch tbuf(sizeof(float) * per_thread * (size_t)nt);
+        if (!tbuf.p) return RANDMASK_ENOMEM;
+#pragma omp parallel num_threads(nt)
+        {
+#ifdef _OPENMP
+            const int tid = omp_get_thread_num();
+#else
+            const int tid = 0;
+#endif
+            float* S = tbuf.as<float>() + per_thread * (size_t)tid;
+            float* acc = S + nu * kAddTile;
+            float* acc_t = acc + kAddBlock * kAddTile;
+            // dynamic: a thread that lost its core does not hold the others up
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t tile = 0; tile < tiles; ++tile) {
+                const int64_t t0 = tile * kAddTile;
+                sparse_add_tile(plan, isa.add, isa.back, isa.fast_transpose, *out, *src, t0,
+                                std::min(kAddTile, tokens - t0), S, acc, acc_t);
+            }
+        }
+    } catch (const std::bad_alloc&) {
+        return RANDMASK_ENOMEM;
+    } catch (...) {
+        return RANDMASK_EINVAL;
+    }
     return RANDMASK_OK;
 }
 

@@ -16,7 +16,7 @@
 
 #include <stdint.h>
 
-#define RANDMASK_NATIVE_ABI 2
+#define RANDMASK_NATIVE_ABI 3
 
 /* dtype codes */
 #define RANDMASK_F32 0
@@ -86,6 +86,17 @@ RANDMASK_API int randmask_cpu_gather_weight(const randmask_matrix_t* weight, con
 RANDMASK_API int randmask_cpu_sparse_update(const randmask_matrix_t* weight, const randmask_vector_t* base,
                                             const randmask_vector_t* delta, const randmask_mask_args_t* mask,
                                             int nthreads);
+
+/* The additive path's product with the sparse matrix S(delta) (out x in, delta[k] at (r_k, c_k)), in place on `out`:
+ *   transpose == 0: out[t, r_k] += delta[k] * src[t, c_k]   out is (T, out), src is (T, in)
+ *   transpose == 1: out[t, c_k] += delta[k] * src[t, r_k]   out is (T, in),  src is (T, out)
+ * Each element reached by a slot is written once: round_to_out_dtype(float(out[t, j]) + acc), acc the fp32 sum in
+ * increasing slot order of the rounded fp32 products delta[k] * float(src[t, i_k]); elements no slot reaches are not
+ * written. Bitwise the same result for every thread count and every ISA. out and src each in their own dtype;
+ * delta is n contiguous fp32 values. Cost O(T n). */
+RANDMASK_API int randmask_cpu_sparse_add(const randmask_matrix_t* out, const randmask_matrix_t* src,
+                                         const randmask_vector_t* delta, const randmask_mask_args_t* mask,
+                                         int transpose, int nthreads);
 
 #ifdef __cplusplus
 }

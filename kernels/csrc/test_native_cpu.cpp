@@ -1,8 +1,9 @@
 // test_native_cpu.cpp: the native CPU library (native_cpu.cpp, through its C ABI) against a naive reference.
 //
 // The reference takes positions from randmask_mask.h (itself held to tests/vectors by test_mask_vectors) and sums
-// in double; the library must agree to fp32 accuracy on the masked gradient and exactly on gather, sparse update
-// and positions. Shapes: 1xN, Nx1, primes, n = 0, n = N, T = 0, strided (non-contiguous) inputs; fp32/fp16/bf16.
+// in double; the library must agree to fp32 accuracy on the masked gradient and exactly on gather, sparse update,
+// positions and the sparse add (whose contract fixes every rounding). Shapes: 1xN, Nx1, primes, n = 0, n = N, T = 0,
+// strided (non-contiguous) inputs; fp32/fp16/bf16.
 // tests/test_native_kernels.py holds the same library to the torch twins.
 #include <cmath>
 #include <cstdint>
@@ -157,6 +158,63 @@ void check_weight_ops(int64_t out, int64_t in, int64_t n, int wd, int bd, bool t
         }
 }
 
+// The sparse add against the contract computed here in slot order: acc = sum of fp32-rounded products, then
+// round(float(out) + acc). The library must agree bit for bit on every ISA this CPU has and every thread count, and
+// leave every other element of out's buffer (the gaps of a strided view included) as it was.
+void check_sparse_add(int64_t out, int64_t in, int64_t n, int64_t tokens, int od, int sd, bool transpose,
+                      bool strided, std::mt19937& rng) {
+    const int64_t dst_w = transpose ? in : out, src_w = transpose ? out : in;
+    const Strided before = make(od, tokens, dst_w, false, strided ? 2 : 1, rng);
+    const Strided src = make(sd, tokens, src_w, strided, strided ? 3 : 1, rng);
+    std::normal_distribution<float> normal(0.f, 1.f);
+    std::vector<float> delta((size_t)n + 1);
+    for (auto& d : delta) d = normal(rng);
+    // the contract, element by element
+    const randmask_mask_t m = randmask_mask_init((uint32_t)out, (uint32_t)in, kKey);
+    std::vector<float> acc((size_t)(tokens * dst_w), 0.f);
+    std::vector<char> touched((size_t)dst_w, 0);
+    for (int64_t k = 0; k < n; ++k) {
+        uint32_t r, c;
+        randmask_position(&m, (uint32_t)k, &r, &c);
+        const uint32_t j = transpose ? c : r, i = transpose ? r : c;
+        touched[j] = 1;
+        for (int64_t t = 0; t < tokens; ++t) {
+            volatile float product = delta[(size_t)k] * src.at(t, i);  // rounded to fp32: never fused into the add
+            acc[(size_t)(t * dst_w + j)] += product;
+        }
+    }
+    Strided want = before;
+    for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t j = 0; j < dst_w; ++j) {
+            if (!touched[j]) continue;
+            const float v = before.at(t, j) + acc[(size_t)(t * dst_w + j)];
+            const int64_t e = t * want.sr + j * want.sc;
+            if (od == RANDMASK_F32) want.f32[e] = randmask_f32_bits(v);
+            else want.h16[e] = od == RANDMASK_F16 ? randmask_f32_to_f16(v) : randmask_f32_to_bf16(v);
+        }
+    const randmask_mask_args_t mask = {out, in, n, kKey};
+    const randmask_vector_t delta_v = {delta.data(), RANDMASK_F32, n};
+    const char* isas[] = {"avx512f", "avx2", "portable"};
+    for (const char* isa : isas) {
+        if (randmask_cpu_select_isa(isa) != RANDMASK_OK) continue;  // this CPU lacks it
+        for (int threads = 1; threads <= 3; ++threads) {
+            Strided got = before;
+            const randmask_matrix_t ov = got.view(), sv = src.view();
+            const int status = randmask_cpu_sparse_add(&ov, &sv, &delta_v, &mask, transpose ? 1 : 0, threads);
+            const bool same = got.f32 == want.f32 && got.h16 == want.h16;
+            CHECK(status == RANDMASK_OK && same,
+                  "sparse_add%s %lldx%lld n=%lld T=%lld dtypes %d/%d%s, %s, %d threads: status %d, %s",
+                  transpose ? " (transposed)" : "", (long long)out, (long long)in, (long long)n, (long long)tokens,
+                  od, sd, strided ? " strided" : "", isa, threads, status, same ? "same bits" : "bits differ");
+            if (status != RANDMASK_OK || !same) {
+                randmask_cpu_select_isa("best");
+                return;
+            }
+        }
+    }
+    randmask_cpu_select_isa("best");
+}
+
 void check_positions(int64_t out, int64_t in, int64_t n) {
     std::vector<int64_t> rows((size_t)n + 1), cols((size_t)n + 1);
     const randmask_mask_args_t mask = {out, in, n, kKey};
@@ -231,6 +289,11 @@ int main() {
             check_weight_ops(c.out, c.in, c.n, xd, RANDMASK_F32, true, rng);
         }
         check_positions(c.out, c.in, c.n);
+        for (const bool transpose : {false, true}) {
+            check_sparse_add(c.out, c.in, c.n, c.tokens, RANDMASK_F32, RANDMASK_F32, transpose, false, rng);
+            check_sparse_add(c.out, c.in, c.n, c.tokens, RANDMASK_F16, RANDMASK_F16, transpose, true, rng);
+            check_sparse_add(c.out, c.in, c.n, c.tokens, RANDMASK_BF16, RANDMASK_F32, transpose, false, rng);
+        }
     }
     // bad arguments are refused, not dereferenced
     float g = 0.f;
@@ -252,6 +315,21 @@ int main() {
     CHECK(randmask_cpu_gather_weight(&huge, &huge_mask, &one_v, 0) == RANDMASK_EINVAL,
           "a matrix of 2^32 entries accepted");
     CHECK(randmask_cpu_positions(nullptr, nullptr, nullptr, 0) == RANDMASK_EINVAL, "a null mask accepted");
+    const randmask_matrix_t out13 = {&g, RANDMASK_F32, 1, 3, 3, 1}, src12 = {&g, RANDMASK_F32, 1, 2, 2, 1};
+    const randmask_mask_args_t mask32 = {3, 2, 1, kKey};
+    const randmask_vector_t delta1 = {&g, RANDMASK_F32, 1}, delta1_f16 = {&g, RANDMASK_F16, 1};
+    CHECK(randmask_cpu_sparse_add(&out13, &src12, &delta1, &mask32, 2, 0) == RANDMASK_EINVAL, "transpose=2 accepted");
+    CHECK(randmask_cpu_sparse_add(&out13, &src12, &delta1_f16, &mask32, 0, 0) == RANDMASK_EDTYPE,
+          "an fp16 delta accepted");
+    CHECK(randmask_cpu_sparse_add(&out13, &src12, &delta1, &mask32, 1, 0) == RANDMASK_EINVAL,
+          "forward shapes accepted as transposed");
+    CHECK(randmask_cpu_sparse_add(&src12, &src12, &delta1, &mask32, 0, 0) == RANDMASK_EINVAL, "a narrow out accepted");
+    const randmask_vector_t delta2 = {&g, RANDMASK_F32, 2};
+    CHECK(randmask_cpu_sparse_add(&out13, &src12, &delta2, &mask32, 0, 0) == RANDMASK_EINVAL,
+          "delta of the wrong length accepted");
+    const randmask_matrix_t null_out = {nullptr, RANDMASK_F32, 1, 3, 3, 1};
+    CHECK(randmask_cpu_sparse_add(&null_out, &src12, &delta1, &mask32, 0, 0) == RANDMASK_EINVAL,
+          "a null out accepted");
 
     if (failures) {
         std::printf("%d failure(s)\n", failures);

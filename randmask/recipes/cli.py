@@ -105,6 +105,12 @@ task    Default: positive vs negative tweets (neutral dropped) from the pip pack
 method  randmask: train a fixed, seed-addressed random subset of the --targets matrices (--trainable-ratio of
         the whole model, or --density of each matrix). lora: PEFT LoRA on the same --targets (--lora-r,
         --lora-alpha). full: every parameter. --method randmask,lora runs both on the same split.
+base    --quantize 4bit|8bit loads the model with every linear layer but the head quantized by bitsandbytes
+        (`pip install randmask[quant]`; transformers' BitsAndBytesConfig: 4-bit nf4 with double quantization, as
+        QLoRA; 8-bit LLM.int8()), computing in --dtype. randmask then adds its values beside the frozen quantized
+        weights (additive mode: y = base(x) + S(delta) x; the base is never written) and lora is QLoRA (PEFT LoRA
+        on the same base), so --method randmask,lora --quantize 4bit compares the two on one split; the adapter is
+        the usual one. metrics.json records the base under "base".
 train   AdamW (betas 0.9, 0.999, eps 1e-8), weight decay 0, constant learning rate, no warmup, gradient norm
         clipped at 1.0; --lr auto picks it by a rule (printed) measured in studies/study_finetune.py:
         randmask lr = 0.15 * (1e-4 / ratio) ** 0.75 (the paper: best LR ~ 1/ratio), capped at 1;
@@ -145,6 +151,7 @@ def _sizes(text):
 
 def add_finetune(commands) -> None:
     from randmask.recipes import finetune as F
+    from randmask.recipes.models import QUANTIZE
 
     d = F.Settings()
     p = commands.add_parser("finetune", help="fine-tune a causal LM on a two-class task (randmask, LoRA or full) "
@@ -157,6 +164,10 @@ def add_finetune(commands) -> None:
                    help="weights' dtype (default auto: bfloat16 where the hardware has fast bfloat16 (CUDA, or a "
                    "CPU with AVX512-BF16/AMX) and --method has no 'full', else float32; randmask keeps its trained "
                    "values in float32 either way)")
+    g.add_argument("--quantize", default=d.quantize, choices=tuple(QUANTIZE),
+                   help="the base's linear layers (all but the head): none (default: --dtype), 4bit (bitsandbytes "
+                   "nf4, double quantization: QLoRA's base) or 8bit (LLM.int8()); needs bitsandbytes "
+                   "(`pip install randmask[quant]`); randmask runs additive on it and lora becomes QLoRA")
     g.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default auto: cuda if available)")
     g.add_argument("--threads", type=int, help="torch CPU threads, fixed (default: torch's count, lowered while "
                    "other processes keep cores busy: a busy core stalls every multi-threaded op)")

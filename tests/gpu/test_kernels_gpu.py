@@ -146,21 +146,73 @@ def test_dense_twin_runs_inside_a_cuda_graph():
     torch.testing.assert_close(captured, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("mode", ["merged", "additive"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_masked_linear_and_masked_adamw_triton_equal_the_twins(dtype):
+def test_masked_linear_and_masked_adamw_triton_equal_the_twins(dtype, mode):
     in_features, out_features = sizes((576, 1536), (48, 40))
     results = {}
     for backend in ("triton", "torch"):
         with randmask.use_backend(backend):
             torch.manual_seed(0)
             linear = torch.nn.Linear(in_features, out_features).to(DEVICE, dtype)
-            layer = randmask.MaskedLinear.from_linear(linear, density=sizes(5e-4, 0.05), name="mlp.up")
+            layer = randmask.MaskedLinear.from_linear(linear, density=sizes(5e-4, 0.05), name="mlp.up", mode=mode)
             opt = randmask.MaskedAdamW([layer.delta], lr=1e-2)
-            x = torch.randn(4, sizes(128, 8), in_features, device=DEVICE).to(dtype)
+            x = torch.randn(4, sizes(128, 8), in_features, device=DEVICE).to(dtype).requires_grad_(True)
             layer(x).float().square().mean().backward()
             grad = layer.delta.grad.clone()
             opt.step()
-            results[backend] = (grad, layer.delta.detach().clone())
-    (grad, delta), (want_grad, want_delta) = results["triton"], results["torch"]
+            results[backend] = (grad, layer.delta.detach().clone(), x.grad)
+    (grad, delta, grad_x), (want_grad, want_delta, want_grad_x) = results["triton"], results["torch"]
+    torch.testing.assert_close(grad_x, want_grad_x)
     torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-5 * want_grad.abs().max().item())
     torch.testing.assert_close(delta, want_delta, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("op", ["sparse_add", "sparse_add_t"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,n,tokens", sizes([((4096, 4096), 1678, 8192), ((1536, 576), 20349, 512),
+                                                  ((1, 65537), 3000, 300), ((65537, 1), 3000, 300)],
+                                                 [((97, 89), 300, 150)]))
+def test_sparse_add_is_the_cpu_twin_bitwise(op, dtype, shape, n, tokens):
+    # the twin on the CPU (in slot order, deterministic; on a GPU index_add_ adds in any order) is the reference;
+    # with no fma both round each product and add in slot order
+    dst, src_width = shape if op == "sparse_add" else shape[::-1]
+    gen = torch.Generator().manual_seed(n)
+    out = torch.randn(tokens, dst, generator=gen).to(dtype)
+    src = torch.randn(tokens, src_width, generator=gen).to(dtype)
+    delta = torch.randn(n, generator=gen)
+    mask = MatrixMask(shape, n, KEY)
+    want = out.clone()
+    ops.run(op, "torch", want, src, delta, mask)
+    got = out.to(DEVICE, copy=True)
+    ops.run(op, "triton", got, src.to(DEVICE), delta.to(DEVICE), mask)
+    again = out.to(DEVICE, copy=True)
+    ops.run(op, "triton", again, src.to(DEVICE), delta.to(DEVICE), mask)
+    assert torch.equal(got, again)  # the same bits on every run
+    assert same_weights(got.cpu(), want)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a CUDA device")
+def test_sparse_add_needs_no_host_sync_and_runs_inside_a_cuda_graph():
+    shape, n = (4096, 4096), 16777
+    mask = MatrixMask(shape, n, KEY)
+    x = torch.randn(512, 4096, device=DEVICE).to(torch.bfloat16)
+    out = torch.randn(512, 4096, device=DEVICE).to(torch.bfloat16)
+    delta = torch.randn(n, device=DEVICE)
+    want = out.clone()
+    ops.run("sparse_add", "triton", want, x, delta, mask)  # warm-up (compiles) outside the checks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager = out.clone()
+        ops.run("sparse_add", "triton", eager, x, delta, mask)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    captured = out.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.run("sparse_add", "triton", captured, x, delta, mask)
+    captured.copy_(out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(eager, want) and torch.equal(captured, want)

@@ -94,3 +94,13 @@ def sparse_update(weight: torch.Tensor, base: torch.Tensor, delta: torch.Tensor,
     out = weight.clone()
     out[rows, cols] = (base.float() + delta.float()).to(weight.dtype)
     return out
+
+
+def sparse_add(out: torch.Tensor, src: torch.Tensor, delta: torch.Tensor, shape, key: int,
+               transpose: bool = False) -> torch.Tensor:
+    """out + src S(delta)^T (or out + src S(delta) transposed) in float64, from the dense (out, in) matrix S with
+    delta[k] at (r_k, c_k)."""
+    rows, cols = positions(tuple(shape), delta.numel(), key)
+    dense = torch.zeros(shape, dtype=torch.float64)
+    dense[rows, cols] = delta.double()
+    return out.double() + src.double() @ (dense if transpose else dense.t())
