@@ -120,6 +120,11 @@ output  zero-shot and fine-tuned test accuracy, trainable count, adapter size, t
         and written to --output-dir: metrics.json, loss_curve.png, and the adapter
         (randmask_adapter.safetensors, loadable with randmask.load_adapter; lora_adapter/ for PEFT;
         full_model/ for full).
+resume  after every epoch (and every --checkpoint-every N steps) each method's checkpoint-<method>.pt in
+        --output-dir holds the trained values, the optimizer state, the data order, the RNG states and the step,
+        written atomically (a temporary file renamed over it: never half a checkpoint). Rerun a killed job with
+        the same options and --resume: it continues from the checkpoints, and the final adapter and metrics are
+        bitwise those of an uninterrupted run. A checkpoint written with other settings is refused.
 
 The defaults (2 epochs over 500 of the 1000 training examples, dev 500, test 1000, bfloat16 on CPUs that have
 it) finish in about 4 minutes on 2 CPU cores; --max-train 1000 --epochs 5 is the paper's schedule."""
@@ -225,6 +230,13 @@ def add_finetune(commands) -> None:
     g.add_argument("--output-dir", metavar="DIR", help="where metrics.json, loss_curve.png and the adapter go "
                    "(default runs/finetune-<data>-<method>-seed<seed>)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint-every", type=int, metavar="N", help="also write the checkpoint every N training "
+                   "steps (default: only at the end of each epoch); checkpoint-<method>.pt in --output-dir, written "
+                   "atomically")
+    g.add_argument("--resume", action="store_true", help="continue a killed run from the checkpoints in "
+                   "--output-dir (same options needed: a checkpoint from other settings is refused); the result is "
+                   "bitwise that of an uninterrupted run")
     p.set_defaults(run=finetune)
 
 
@@ -240,5 +252,14 @@ def finetune(args) -> None:
     try:
         F.run(F.Settings(**values))
     except (F.FinetuneError, DataError, MissingPackageError, AdapterError) as exc:
-        print(f"randmask finetune: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _fail(str(exc))
+    except OSError as exc:  # a path of the user's that cannot be read or written (permissions, a full disk, ...)
+        where = f": {exc.filename}" if exc.filename else ""
+        _fail(f"{exc.strerror or exc}{where}")
+
+
+def _fail(message):
+    """argparse's way: one line on stderr, exit status 2."""
+    first = " ".join(message.split("\n")).strip() or "failed"
+    print(f"randmask finetune: error: {first}", file=sys.stderr)
+    raise SystemExit(2) from None

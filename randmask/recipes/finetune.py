@@ -46,7 +46,17 @@ from randmask.recipes.models import (
     resolve_device,
     resolve_dtype,
 )
-from randmask.recipes.train import DEFAULT_RATIO, METHODS, auto_lr, evaluate, start_governor, train_one
+from randmask.recipes.train import (
+    DEFAULT_RATIO,
+    METHODS,
+    auto_lr,
+    check_checkpoint,
+    checkpoint_path,
+    evaluate,
+    load_checkpoint,
+    start_governor,
+    train_one,
+)
 
 __all__ = ["FinetuneError", "Settings", "Task", "check_settings", "resolve_settings", "prepare_task", "run",
            "auto_lr", "default_model_dir", "check_model_dir", "load_model", "train_one", "DEFAULT_RATIO",
@@ -87,6 +97,8 @@ class Settings:
     threads: int | None = None
     output_dir: str | None = None
     progress: bool = True
+    checkpoint_every: int | None = None
+    resume: bool = False
 
 
 def _lr_value(value):
@@ -118,7 +130,7 @@ def check_settings(s: Settings) -> None:
     for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "lora_r"):
         if getattr(s, name) < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
-    for name in ("max_train", "max_eval"):
+    for name in ("max_train", "max_eval", "threads", "checkpoint_every"):
         v = getattr(s, name)
         if v is not None and v < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
@@ -129,6 +141,10 @@ def check_settings(s: Settings) -> None:
     if QUANTIZE[s.quantize] and "full" in s.methods:
         raise FinetuneError(f"--method full trains the weights themselves, which a --quantize {s.quantize} base "
                             "cannot hold: drop --quantize, or train randmask / lora (QLoRA) on it")
+    if s.clip is not None and (s.clip < 0 or not math.isfinite(s.clip)):
+        raise FinetuneError(f"--clip must be 0 (none) or positive, got {s.clip}")
+    if s.output_dir is not None and os.path.exists(s.output_dir) and not os.path.isdir(s.output_dir):
+        raise FinetuneError(f"--output-dir {s.output_dir} exists and is not a directory")
     if s.data is None and (s.labels is not None or s.text_column != "text" or s.label_column != "label"):
         raise FinetuneError("--labels, --text-column and --label-column apply to --data FILE; the default tweet "
                             "data has its own columns and the labels negative,positive")
@@ -140,7 +156,7 @@ def resolve_settings(s: Settings) -> str:
     s.lr = _lr_value(s.lr)
     check_settings(s)
     s.device = resolve_device(s.device)
-    if s.threads:
+    if s.threads is not None:
         torch.set_num_threads(s.threads)
     s.dtype, dtype_why = resolve_dtype(s.dtype, s.device, s.methods)
     return dtype_why
@@ -224,14 +240,27 @@ def run(s: Settings, log=print) -> dict:
 
 def _run(s: Settings, log) -> dict:
     t_start = time.perf_counter()
-    task = prepare_task(s, log)
-    model, task.model = task.model, None  # ours now: each later method frees it for a fresh base model
-    pad, enc, governor = task.pad, task.enc, task.governor
-
     if s.output_dir is None:
         tag = "tweets" if s.data is None else os.path.splitext(os.path.basename(s.data))[0]
         s.output_dir = os.path.join("runs", f"finetune-{tag}-{'-'.join(s.methods)}-seed{s.seed}")
-    os.makedirs(s.output_dir, exist_ok=True)
+    if s.resume and not any(os.path.isfile(checkpoint_path(s.output_dir, m)) for m in s.methods):
+        raise FinetuneError(f"--resume: no checkpoint in {s.output_dir} (looked for "
+                            f"{', '.join(os.path.basename(checkpoint_path(s.output_dir, m)) for m in s.methods)}); "
+                            "run without --resume to start")
+    task = prepare_task(s, log)
+    model, task.model = task.model, None  # ours now: each later method frees it for a fresh base model
+    pad, enc, governor = task.pad, task.enc, task.governor
+    checkpoints = {}
+    if s.resume:  # check every checkpoint against the (now resolved) settings before any work
+        for m in s.methods:
+            path = checkpoint_path(s.output_dir, m)
+            if os.path.isfile(path):
+                checkpoints[m] = load_checkpoint(path)
+                check_checkpoint(checkpoints[m], path, s, m)
+    try:
+        os.makedirs(s.output_dir, exist_ok=True)
+    except OSError as exc:
+        raise FinetuneError(f"--output-dir {s.output_dir}: cannot create it ({exc.strerror or exc})") from None
 
     torch.manual_seed(s.seed)
     t0 = time.perf_counter()
@@ -245,7 +274,8 @@ def _run(s: Settings, log) -> dict:
             del model
             model, _ = load_model(task.model_dir, s.dtype, s.device, s.quantize)
         torch.manual_seed(s.seed)
-        results.append(train_one(method, model, pad, enc["train"], enc["dev"], enc["test"], s, log, governor))
+        results.append(train_one(method, model, pad, enc["train"], enc["dev"], enc["test"], s, log, governor,
+                                 checkpoint=checkpoints.pop(method, None)))
         r = results[-1]
         log(f"[{method}] test accuracy {zero['accuracy']:.3f} (zero-shot) -> {r['test_accuracy']:.3f} "
             f"(fine-tuned, best epoch {r['best_epoch']}); {r['trainable']:,} trainable, adapter "

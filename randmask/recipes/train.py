@@ -8,8 +8,11 @@
     make_optimizer(method, ...)   AdamW (betas 0.9, 0.999, eps 1e-8, weight decay 0); MaskedAdamW for randmask
     snapshot / restore_snapshot   the best epoch's trainable values, kept and written back
     save_trained(model, method)   the adapter file (randmask), the PEFT adapter directory or the full model
+    checkpoint_path, save_checkpoint, load_checkpoint, check_checkpoint
+                                  the resumable state of one method's training (written atomically)
     train_one(method, model, ...) all of it for one method: constant LR, no warmup, gradient clipping, dev accuracy
-                                  after every epoch, the best epoch restored, the test accuracy, the saved values
+                                  after every epoch, the best epoch restored, the test accuracy, the saved values;
+                                  a checkpoint after every epoch (and every --checkpoint-every steps), resumable
 
 `s` everywhere is a randmask.recipes.finetune.Settings.
 """
@@ -17,6 +20,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
 
 import torch
@@ -26,7 +30,8 @@ from randmask.recipes import FinetuneError, report
 from randmask.recipes import data as D
 
 __all__ = ["METHODS", "DEFAULT_RATIO", "auto_lr", "ThreadGovernor", "start_governor", "train_batches", "evaluate",
-           "apply_method", "make_optimizer", "snapshot", "restore_snapshot", "save_trained", "train_one"]
+           "apply_method", "make_optimizer", "snapshot", "restore_snapshot", "save_trained", "checkpoint_path",
+           "checkpoint_settings", "save_checkpoint", "load_checkpoint", "check_checkpoint", "train_one"]
 
 PEFT_PIP = "pip install peft"
 METHODS = ("randmask", "lora", "full")
@@ -261,10 +266,113 @@ def save_trained(model, method, out_dir) -> tuple[str, int]:
     return path, size
 
 
+# ---------------------------------------------------------------------------------------------------- checkpoints
+CHECKPOINT_FORMAT = "randmask-finetune-checkpoint"
+CHECKPOINT_VERSION = 1
+# Settings that do not change what is trained: a run may be resumed with other values of these.
+CHECKPOINT_FREE = ("output_dir", "progress", "threads", "resume", "checkpoint_every", "methods")
+
+
+def checkpoint_path(out_dir, method) -> str:
+    return os.path.join(out_dir, f"checkpoint-{method}.pt")
+
+
+def _plain(value):
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def checkpoint_settings(s, method) -> dict:
+    """The settings a checkpoint must agree with to be resumed (the resolved ones: dtype, device and lr)."""
+    import dataclasses
+
+    values = {k: _plain(v) for k, v in dataclasses.asdict(s).items() if k not in CHECKPOINT_FREE}
+    return {"method": method, **values}
+
+
+def save_checkpoint(path, state) -> None:
+    """torch.save `state` to `path` atomically: a unique temporary file in the same directory, flushed and fsynced,
+    then renamed over `path`; the temporary is removed on any failure, so `path` is always a whole checkpoint."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint written by save_checkpoint; FinetuneError if it is not one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FinetuneError(f"--resume: {path} is not a readable checkpoint ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); run without --resume to start "
+                            "over") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise FinetuneError(f"--resume: {path} is not a randmask finetune checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise FinetuneError(f"--resume: {path} has checkpoint version {state.get('version')!r}, this randmask "
+                            f"reads version {CHECKPOINT_VERSION}; run without --resume to start over")
+    return state
+
+
+def check_checkpoint(state, path, s, method) -> None:
+    """FinetuneError naming the settings that differ between the checkpoint and this run."""
+    want, have = checkpoint_settings(s, method), state.get("settings", {})
+    diff = [k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+    if diff:
+        shown = "; ".join(f"{'--' + k.replace('_', '-') if k != 'method' else 'method'} {have.get(k)!r} there, "
+                          f"{want.get(k)!r} here" for k in diff[:4]) + ("; ..." if len(diff) > 4 else "")
+        raise FinetuneError(f"--resume: the checkpoint {path} was written with other settings ({shown}); resume "
+                            "with the same options, or run without --resume to start over")
+
+
+def _rng_states(device):
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and str(device).startswith("cuda"):
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    random.setstate(_tuples(states["python"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 # ---------------------------------------------------------------------------------------------------- one method
-def train_one(method, model, tokenizer_pad, train, dev, test, s, log, governor=None) -> dict:
+def train_one(method, model, tokenizer_pad, train, dev, test, s, log, governor=None, checkpoint=None) -> dict:
     """Train `method` on the encoded `train` items, keep the best epoch on `dev`, evaluate on `test` and save the
-    trained values to s.output_dir; returns the method's record (the "methods" entries of metrics.json)."""
+    trained values to s.output_dir; returns the method's record (the "methods" entries of metrics.json).
+
+    A checkpoint (checkpoint_path(s.output_dir, method): the trainable values, the optimizer state, the epoch's
+    batch order and position, the data and torch RNG states, the losses, the dev history and the best epoch's
+    values) is written atomically after every epoch and, with s.checkpoint_every, every that many steps.
+    `checkpoint` (a load_checkpoint result, checked by check_checkpoint) continues from it: the model must be as
+    the run had it before apply_method; the final values are bitwise those of an uninterrupted run."""
     governor = governor or _NoGovernor()
     start = time.perf_counter()
     report.reset_peak_rss()  # this method's peak, not an earlier one's
@@ -280,15 +388,49 @@ def train_one(method, model, tokenizer_pad, train, dev, test, s, log, governor=N
         f"({100 * info['trainable_ratio']:.4f}%)")
     opt = make_optimizer(method, params, lr)
     rng = random.Random(s.seed)
-    losses, dev_hist, best = [], [], None
+    losses, dev_hist, best, snap = [], [], None, None
     steps_per_epoch = math.ceil(len(train) / s.batch_size)
     train_time = 0.0
+    epoch, pos, batches = 1, 0, None
+    ck_path = checkpoint_path(s.output_dir, method) if s.output_dir else None
+
+    if checkpoint is not None:
+        trained = checkpoint["trainable"]
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(trained) != names:
+            raise FinetuneError(f"[{method}] --resume: the checkpoint's trainable values do not match this "
+                                "model's; run without --resume to start over")
+        restore_snapshot(model, trained)
+        pass
+        rng.setstate(_tuples(checkpoint["data_rng"]))
+        losses, dev_hist = list(checkpoint["losses"]), list(checkpoint["history"])
+        best = tuple(checkpoint["best"]) if checkpoint["best"] is not None else None
+        snap, train_time = checkpoint["best_values"], checkpoint["train_time"]
+        epoch, pos, batches = checkpoint["epoch"], checkpoint["pos"], [list(b) for b in checkpoint["batches"]]
+        if checkpoint["epoch_done"]:
+            epoch, pos, batches = epoch + 1, 0, None
+        _set_rng_states(checkpoint["rng"])
+        log(f"[{method}] resumed from {ck_path} at step {len(losses)} (epoch {min(epoch, s.epochs)}"
+            + (f", step {pos} of {len(batches)}" if batches else "") + ")")
+
+    def save(epoch_done, elapsed):
+        if ck_path is None:
+            return
+        save_checkpoint(ck_path, {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "settings": checkpoint_settings(s, method),
+            "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": opt.state_dict(), "data_rng": rng.getstate(), "rng": _rng_states(s.device),
+            "epoch": epoch, "pos": pos, "batches": batches, "epoch_done": epoch_done, "step": len(losses),
+            "losses": losses, "history": dev_hist, "best": best, "best_values": snap,
+            "train_time": train_time + elapsed})
+
     model.train()
-    for epoch in range(1, s.epochs + 1):
+    while epoch <= s.epochs:
         t0 = time.perf_counter()
-        batches = train_batches(train, s.batch_size, rng, s.group_by_length)
-        bar = report.progress(batches, s.progress, desc=f"[{method}] epoch {epoch}/{s.epochs}", unit="step",
-                              total=steps_per_epoch)
+        if batches is None:
+            batches = train_batches(train, s.batch_size, rng, s.group_by_length)
+        bar = report.progress(batches[pos:], s.progress, desc=f"[{method}] epoch {epoch}/{s.epochs}", unit="step",
+                              total=len(batches), initial=pos)
         for idx in bar:
             governor.tick()
             batch = D.collate([train[i] for i in idx], tokenizer_pad)
@@ -302,8 +444,11 @@ def train_one(method, model, tokenizer_pad, train, dev, test, s, log, governor=N
                 torch.nn.utils.clip_grad_norm_(params, s.clip)
             opt.step()
             losses.append(loss.item())
+            pos += 1
             if s.progress:
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+            if s.checkpoint_every and len(losses) % s.checkpoint_every == 0 and pos < len(batches):
+                save(False, time.perf_counter() - t0)  # the epoch's end writes its own
         train_time += time.perf_counter() - t0
         ev = evaluate(model, dev, s.eval_batch_size, tokenizer_pad, s.progress, f"[{method}] dev",
                       governor) if dev else None
@@ -316,10 +461,12 @@ def train_one(method, model, tokenizer_pad, train, dev, test, s, log, governor=N
                                                                        ev["loss"] < best[2]):
             best = (epoch, ev and ev["accuracy"], ev and ev["loss"])
             snap = snapshot(model) if epoch < s.epochs else None  # the last epoch's values are the model's
+        save(True, 0.0)
+        epoch, pos, batches = epoch + 1, 0, None
     if best[0] != s.epochs:
         restore_snapshot(model, snap)
         log(f"[{method}] restored the best epoch ({best[0]}, dev accuracy {best[1]:.3f})")
-    del snap
+    snap = None  # free the best epoch's copy
     ev_test = evaluate(model, test, s.eval_batch_size, tokenizer_pad, s.progress, f"[{method}] test", governor)
     adapter, size = save_trained(model, method, s.output_dir)
     result = {"method": method, **info, "lr": lr, "lr_rule": rule, "epochs": s.epochs, "steps": len(losses),
