@@ -60,7 +60,25 @@ def world(adapter_file, tmp_path):
     (tmp_path / "existing.safetensors").write_bytes(adapter_file.read_bytes())
     (tmp_path / "text.safetensors").write_text("hello")
     save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    for name, targets in (("bad_regex", "q_proj("), ("number_targets", [1, 2]), ("no_targets", None)):
+        _with_config(adapter_file, tmp_path / f"{name}.safetensors", target_modules=targets)
     return World(masked, tiny_llama(), adapter_file, tmp_path)
+
+
+def _with_config(src, dst, **config):
+    """A copy of an adapter whose header's config has these fields (the header's checksum made to match)."""
+    import json
+
+    from safetensors import safe_open
+
+    from randmask.adapter import HEADER_HASH_KEY, HEADER_KEY, _digest
+
+    with safe_open(src, framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(metadata[HEADER_KEY])
+    header["config"].update(config)
+    text = json.dumps(header)
+    save_file(tensors, dst, metadata={**metadata, HEADER_KEY: text, HEADER_HASH_KEY: _digest(text.encode())})
 
 
 def snapshot(world: World):
@@ -306,6 +324,12 @@ cases("adapter", AdapterError, "already masked with a different config",
           randmask.apply(tiny_llama(), RandMaskConfig(density=0.05, target_modules="all-linear", seed=9)), w.adapter))
 cases("adapter", AdapterError, "float32 base.*bfloat16|bfloat16.*float32",
       other_dtype=lambda w: randmask.load_adapter(tiny_llama().to(torch.bfloat16), w.adapter))
+cases("adapter", AdapterError, "header's config is not a valid RandMaskConfig.*not a valid regex",
+      stored_bad_regex=lambda w: randmask.load_adapter(w.fresh, w.scratch / "bad_regex.safetensors"))
+cases("adapter", AdapterError, "header's config is not a valid RandMaskConfig.*non-empty strings",
+      stored_number_targets=lambda w: randmask.load_adapter(w.fresh, w.scratch / "number_targets.safetensors"))
+cases("adapter", AdapterError, "header's config is not a valid RandMaskConfig.*target_modules must be",
+      stored_no_targets=lambda w: randmask.load_adapter(w.fresh, w.scratch / "no_targets.safetensors"))
 cases("adapter", ValueError, "mode must be one of",
       load_bad_mode=lambda w: randmask.load_adapter(w.fresh, w.adapter, mode="both"))
 

@@ -401,7 +401,7 @@ def train_one(method, model, tokenizer_pad, train, dev, test, s, log, governor=N
             raise FinetuneError(f"[{method}] --resume: the checkpoint's trainable values do not match this "
                                 "model's; run without --resume to start over")
         restore_snapshot(model, trained)
-        pass
+        opt.load_state_dict(checkpoint["optimizer"])
         rng.setstate(_tuples(checkpoint["data_rng"]))
         losses, dev_hist = list(checkpoint["losses"]), list(checkpoint["history"])
         best = tuple(checkpoint["best"]) if checkpoint["best"] is not None else None

@@ -27,12 +27,14 @@ def settings(model_dir, csv_file, out, method, **kw):
     return F.Settings(**values)
 
 
-def kill_at_step(monkeypatch, k):
-    """Make the optimizer's k-th step raise Killed before it changes anything."""
+def kill_at_step(monkeypatch, k, only=None):
+    """Make the optimizer's k-th step (of method `only`, or of any) raise Killed before it changes anything."""
     real = T.make_optimizer
 
     def make(method, params, lr):
         opt = real(method, params, lr)
+        if only not in (None, method):
+            return opt
         step, calls = opt.step, [0]
 
         def killing_step(*a, **kw):
@@ -98,6 +100,21 @@ def test_resuming_a_finished_run_reproduces_it(model_dir, csv_file, straight):
     ref_out, ref = straight("randmask")
     again = F.run(settings(model_dir, csv_file, ref_out, "randmask", resume=True), log=lambda *a: None)
     assert record(again, "randmask") == record(ref, "randmask")
+
+
+def test_resume_of_two_methods_killed_in_the_second(tmp_path, monkeypatch, model_dir, csv_file, straight):
+    out = tmp_path / "run"
+    two = dict(methods=("randmask", "lora"), lr=3e-3)
+    kill_at_step(monkeypatch, 4, only="lora")
+    with pytest.raises(Killed):
+        F.run(settings(model_dir, csv_file, out, "randmask", **two), log=lambda *a: None)
+    monkeypatch.undo()
+    resumed = F.run(settings(model_dir, csv_file, out, "randmask", resume=True, **two), log=lambda *a: None)
+    ref_lora = straight("lora")
+    assert record(resumed, "lora") == record(ref_lora[1], "lora")
+    got, want = trained_values(out, "lora"), trained_values(ref_lora[0], "lora")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert resumed["methods"]["randmask"]["train_loss"][:1] and resumed["methods"]["randmask"]["steps"] == 12
 
 
 def test_checkpoints_without_checkpoint_every_are_per_epoch(tmp_path, monkeypatch, model_dir, csv_file, straight):
