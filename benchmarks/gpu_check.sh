@@ -31,7 +31,7 @@
 #
 # Every benchmark appends its rows to OUT_DIR/results.jsonl (RANDMASK_BENCH_RESULTS), with the commit from git or,
 # where this copy of the tree has no git metadata, from $RANDMASK_BENCH_COMMIT (pass it in). Back on the main machine,
-# `python benchmarks/report.py --add OUT_DIR/results.jsonl` merges the new runs into benchmarks/results/results.jsonl
+# `python benchmarks/report.py --add OUT_DIR/results.jsonl` merges the new runs into benchmarks/results/results.jsonl.gz
 # and writes their tables. OUT_DIR holds only a few files (a device machine returns at most 8): gpu_check.txt (the
 # log), results.jsonl, reports.tgz (this run's tables and plots, repacked after every step, so a run cut short keeps
 # what it had), pytest-gpu.xml.

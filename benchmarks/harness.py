@@ -8,8 +8,9 @@
     Run(bench, device, table, results, tag=)  one invocation: .add(params, variant, seconds, stat, **figures)
                                               appends one row to the dataset; .report() writes its tables
 
-The dataset is one JSON object per line in benchmarks/results/results.jsonl ($RANDMASK_BENCH_RESULTS or each
-script's --results point elsewhere: the tests, a GPU machine's $OUT). Rows are only ever appended. Every row has:
+The dataset is one JSON object per line in benchmarks/results/results.jsonl.gz, gzip-compressed
+($RANDMASK_BENCH_RESULTS or each script's --results point elsewhere: the tests, a GPU machine's $OUT). Rows are
+only ever appended. Every row has:
 
     bench     "masked_grad", "update", "positions", "overhead", "e2e", "step_masked_grad", ...
     run       the id shared by the rows of one invocation ("20261128T101500Z-3fa2")
@@ -31,6 +32,7 @@ Each benchmark stays runnable on its own (`python benchmarks/bench_x.py`): it pu
 Stdlib only; torch is imported where a function needs it.
 """
 import datetime
+import gzip
 import json
 import os
 import pathlib
@@ -47,7 +49,7 @@ REQUIRED = ("bench", "run", "table", "machine", "device", "commit", "date", "tor
             "params", "variant", "seconds", "stat", "s")
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-DATASET = HERE / "results" / "results.jsonl"
+DATASET = HERE / "results" / "results.jsonl.gz"  # gzip-compressed: the history stays small in git
 ENV_DATASET = "RANDMASK_BENCH_RESULTS"
 ENV_COMMIT = "RANDMASK_BENCH_COMMIT"
 
@@ -239,22 +241,27 @@ def cuda_peak_bytes(device) -> int:
 
 # ---------------------------------------------------------------------------------------------------- the dataset
 def dataset_path(path=None) -> pathlib.Path:
-    """The dataset written and read: `path`, else $RANDMASK_BENCH_RESULTS, else benchmarks/results/results.jsonl."""
+    """The dataset written and read: `path`, else $RANDMASK_BENCH_RESULTS, else benchmarks/results/results.jsonl.gz
+    (a name ending in .gz is gzip-compressed JSON lines, read and appended to as such)."""
     return pathlib.Path(path or os.environ.get(ENV_DATASET) or DATASET).resolve()
+
+
+def _open(path: pathlib.Path, mode: str):
+    return gzip.open(path, mode, encoding="utf-8") if path.suffix == ".gz" else open(path, mode, encoding="utf-8")
 
 
 def read_rows(path=None) -> list:
     path = dataset_path(path)
     if not path.exists():
         return []
-    with open(path) as f:
+    with _open(path, "rt") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
 def append_rows(rows, path=None) -> None:
     path = dataset_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    with _open(path, "at") as f:  # appending to a .gz adds a gzip member; readers see one stream
         for row in rows:
             f.write(json.dumps(row, separators=(",", ":")) + "\n")
 

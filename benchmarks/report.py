@@ -1,4 +1,4 @@
-"""Tables and plots from the results dataset (benchmarks/results/results.jsonl), and nothing else.
+"""Tables and plots from the results dataset (benchmarks/results/results.jsonl.gz), and nothing else.
 
     python benchmarks/report.py                     # every (bench, machine, table): its latest run
     python benchmarks/report.py --run ID [--run ID]  # these runs, into files named ..._<ID>

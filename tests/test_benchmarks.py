@@ -1,5 +1,6 @@
 """The benchmark tools: the harness's timing and dataset, report.py, and every bench script at tiny sizes (timings are
 not checked). Every test writes into its own temporary dataset and never reads the committed results."""
+import gzip
 import json
 import os
 import pathlib
@@ -25,6 +26,14 @@ def dataset(tmp_path, monkeypatch):
     path = tmp_path / "results.jsonl"
     monkeypatch.setenv(harness.ENV_DATASET, str(path))
     return path
+
+
+def test_a_gz_dataset_is_appended_to_and_read_as_one(tmp_path):
+    path = tmp_path / "results.jsonl.gz"
+    harness.append_rows([{"run": "a", "x": 1}], path)
+    harness.append_rows([{"run": "b", "x": 2}, {"run": "b", "x": 3}], path)
+    assert [row["x"] for row in harness.read_rows(path)] == [1, 2, 3]
+    assert gzip.decompress(path.read_bytes()).count(b"\n") == 3  # compressed on disk
 
 
 def test_the_default_dataset_is_redirected_by_the_environment(dataset):
