@@ -41,7 +41,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Run, add_results_argument, evict_caches, time_interleaved  # noqa: E402
+from harness import Run, add_matrix_arguments, add_results_argument, evict_caches, time_interleaved  # noqa: E402
 
 from randmask import MatrixMask, layer_key, ops  # noqa: E402
 from randmask.kernels import native  # noqa: E402
@@ -98,15 +98,7 @@ def variants(device, x, grad_y, mask, other_libs=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=SHAPES, help="comma-separated OUTxIN (default: SmolLM2-135M's)")
-    parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--densities", default=DENSITIES)
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved rounds")
-    parser.add_argument("--stat", default="median", choices=["median", "min"],
-                        help="min is steadier on a shared machine")
-    parser.add_argument("--threads", type=int, default=0, help="torch (and native) CPU threads; 0: torch's default")
+    add_matrix_arguments(parser, shapes=SHAPES, densities=DENSITIES, repeats=9)
     parser.add_argument("--cold", action="store_true",
                         help="evict the caches before every timed call (inputs from memory, as in a training step)")
     parser.add_argument("--native-lib", action="append", default=[], metavar="PATH",

@@ -24,7 +24,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Run, add_results_argument, fmt_ms, markdown_table, pick, time_interleaved  # noqa: E402
+from harness import Run, add_matrix_arguments, add_results_argument, fmt_ms, markdown_table, pick, time_interleaved  # noqa: E402
 
 from randmask import MatrixMask, layer_key, ops  # noqa: E402
 from randmask.kernels import native  # noqa: E402
@@ -48,16 +48,8 @@ def variants(op, device, out, src, delta, mask):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=SHAPES, help="comma-separated OUTxIN (default: SmolLM2-135M's)")
-    parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--densities", default=DENSITIES)
+    add_matrix_arguments(parser, shapes=SHAPES, densities=DENSITIES, repeats=15)
     parser.add_argument("--ops", default=",".join(OPS), help="comma-separated, of " + ", ".join(OPS))
-    parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds")
-    parser.add_argument("--stat", default="median", choices=["median", "min"],
-                        help="min is steadier on a shared machine")
-    parser.add_argument("--threads", type=int, default=0, help="torch (and native) CPU threads; 0: torch's default")
     add_results_argument(parser)
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -266,6 +266,20 @@ def append_rows(rows, path=None) -> None:
             f.write(json.dumps(row, separators=(",", ":")) + "\n")
 
 
+def add_matrix_arguments(parser, *, shapes: str, densities: str, repeats: int) -> None:
+    """The options of a per-matrix microbenchmark: the problem (shapes, tokens, dtype, device, densities) and the
+    timing (interleaved rounds, statistic, threads)."""
+    parser.add_argument("--shapes", default=shapes, help="comma-separated OUTxIN (default: SmolLM2-135M's)")
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--densities", default=densities)
+    parser.add_argument("--repeats", type=int, default=repeats, help="interleaved rounds")
+    parser.add_argument("--stat", default="median", choices=["median", "min"],
+                        help="min is steadier on a shared machine")
+    parser.add_argument("--threads", type=int, default=0, help="torch (and native) CPU threads; 0: torch's default")
+
+
 def add_results_argument(parser) -> None:
     parser.add_argument("--results", metavar="PATH", default=None,
                         help=f"the dataset to append to (default ${ENV_DATASET}, else {DATASET.relative_to(ROOT)}); "

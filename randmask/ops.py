@@ -239,6 +239,17 @@ def _sparse_add_torch(out, src, delta, mask, transpose):
     return add_op.sparse_add_torch(out, src, delta, *((cols, rows) if transpose else (rows, cols)))
 
 
+def _sparse_add_impls(transpose: bool) -> dict:
+    """The implementations of sparse_add (transpose=False) or sparse_add_t: one kernel each, told the direction."""
+    return {
+        "torch": Impl("torch", lambda out, src, d, mask: _sparse_add_torch(out, src, d, mask, transpose)),
+        "triton": Impl("triton", lambda out, src, d, mask: add_op.sparse_add_triton(
+            out, src, d, mask.n, mask.key, mask.shape, transpose)),
+        "native": Impl("native", lambda out, src, d, mask: native.sparse_add_native(
+            out, src, d, mask.n, mask.key, mask.shape, transpose), _NATIVE_DTYPES),
+    }
+
+
 _REAL = lambda dtypes: not any(d.is_complex for d in dtypes)  # noqa: E731
 
 IMPLEMENTATIONS: dict[str, dict[str, Impl]] = {
@@ -285,23 +296,9 @@ IMPLEMENTATIONS: dict[str, dict[str, Impl]] = {
         "native": Impl("native", _sparse_update_each),
     },
     # (out (T, out), x (T, in), delta, mask) -> None: out[t, r_k] += delta[k] x[t, c_k] in place
-    "sparse_add": {
-        "torch": Impl("torch", lambda out, x, d, mask: _sparse_add_torch(out, x, d, mask, False)),
-        "triton": Impl("triton", lambda out, x, d, mask: add_op.sparse_add_triton(out, x, d, mask.n, mask.key,
-                                                                                  mask.shape, False)),
-        "native": Impl("native", lambda out, x, d, mask: native.sparse_add_native(out, x, d, mask.n, mask.key,
-                                                                                  mask.shape, False),
-                       _NATIVE_DTYPES),
-    },
+    "sparse_add": _sparse_add_impls(transpose=False),
     # (out (T, in), grad_y (T, out), delta, mask) -> None: out[t, c_k] += delta[k] grad_y[t, r_k] in place
-    "sparse_add_t": {
-        "torch": Impl("torch", lambda out, gy, d, mask: _sparse_add_torch(out, gy, d, mask, True)),
-        "triton": Impl("triton", lambda out, gy, d, mask: add_op.sparse_add_triton(out, gy, d, mask.n, mask.key,
-                                                                                   mask.shape, True)),
-        "native": Impl("native", lambda out, gy, d, mask: native.sparse_add_native(out, gy, d, mask.n, mask.key,
-                                                                                   mask.shape, True),
-                       _NATIVE_DTYPES),
-    },
+    "sparse_add_t": _sparse_add_impls(transpose=True),
     # ([AdamWParam, ...], hyper) -> None; dtypes: (param,)
     "adamw": {
         "torch": Impl("torch", _adamw_torch),
