@@ -96,7 +96,6 @@ def masked_linear(x, weight, bias, delta, mask: MatrixMask):
     return MaskedLinearFunction.apply(x, weight, bias, delta, mask.n, _signed(mask.key))
 
 
-
 class SparseAddFunction(torch.autograd.Function):
     """y + S(delta) x, written into y (the base's fresh output, which its own backward does not read): the
     additive mode's sparse path. Backward: grad_y passes through, grad_x = S(delta)^T grad_y (autograd adds the
