@@ -115,5 +115,6 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
     ],
     # quant: bitsandbytes 4-bit and 8-bit bases (additive mode); 0.50 runs them on the CPU as well as on CUDA.
-    extras_require={"test": ["pytest"], "quant": ["bitsandbytes>=0.50"]},
+    # peft: randmask as a PEFT method (randmask.peft: get_peft_model, save_pretrained, TRL's peft_config).
+    extras_require={"test": ["pytest"], "quant": ["bitsandbytes>=0.50"], "peft": ["peft>=0.21", "transformers>=4.56"]},
 )

@@ -7,7 +7,8 @@ dense-masked model, on one Llama-shaped model built from a config, same batch, s
     python benchmarks/bench_e2e.py --one-process --methods frozen,randmask,randmask-additive
 
 randmask is randmask.apply with mode "auto" (merged on a plain base), randmask-additive the same values kept beside
-the weight (mode "additive": y = base(x) + S(delta) x). --quantize 4bit / 8bit makes every linear layer but the head a
+the weight (mode "additive": y = base(x) + S(delta) x), randmask-peft the same config through peft.get_peft_model
+(randmask.peft). --quantize 4bit / 8bit makes every linear layer but the head a
 bitsandbytes Linear4bit (nf4, double quantization) / Linear8bitLt computing in --dtype, built on "meta" and
 materialized a layer at a time (a 70B shape never exists densely): frozen is then the 4-bit floor, randmask runs
 additive (auto), lora is QLoRA (PEFT's bitsandbytes LoRA layers) and shira PEFT SHiRA on the same base; naive and
@@ -74,7 +75,7 @@ SETTINGS = {  # name: (targets, what sets the trainable count)
     "all-linear": (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                    "every method at LoRA r=8's count per matrix"),
 }
-METHODS = ["frozen", "randmask", "randmask-additive", "lora", "shira", "naive", "full"]
+METHODS = ["frozen", "randmask", "randmask-additive", "randmask-peft", "lora", "shira", "naive", "full"]
 SETTING_FREE = ("frozen", "full")  # train nothing / everything whatever the targets: run once per round
 DENSE_ONLY = ("naive", "full")  # they write the weights: not on a quantized base
 
@@ -188,7 +189,14 @@ def prepare(args):
         mode = "additive" if args.method == "randmask-additive" else "auto"
         ratio = 1e-4 if args.setting == "qv" else lora_count / total
         config = randmask.RandMaskConfig(trainable_ratio=ratio, target_modules=targets, mode=mode)
-        if args.method.startswith("randmask"):
+        if args.method == "randmask-peft":  # the same masks and kernels, through peft.get_peft_model
+            from peft import get_peft_model
+
+            import randmask.peft
+
+            model = get_peft_model(model, randmask.RandMaskConfig.from_dict(randmask.RandMaskConfig.to_dict(config)))
+            adamw = randmask.MaskedAdamW
+        elif args.method.startswith("randmask"):
             randmask.apply(model, config)
             adamw = randmask.MaskedAdamW
         else:
@@ -238,9 +246,9 @@ def run_method(args):
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if args.method in ("lora", "shira", "randmask", "randmask-additive"):
+    if args.method in ("lora", "shira", "randmask", "randmask-additive", "randmask-peft"):
         with tempfile.TemporaryDirectory() as tmp:
-            if args.method.startswith("randmask"):
+            if args.method in ("randmask", "randmask-additive"):
                 from randmask.adapter import save_adapter
 
                 save_adapter(model, os.path.join(tmp, "adapter.safetensors"))
@@ -313,8 +321,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=2,
                         help="repeat every method this many times, interleaved; keep each method's fastest round")
     parser.add_argument("--settings", default="qv,all-linear", help="comma-separated: " + ", ".join(SETTINGS))
-    parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "randmask-additive"),
-                        help="comma-separated: " + ", ".join(METHODS) + " (default all but randmask-additive)")
+    parser.add_argument("--methods", default=",".join(m for m in METHODS if m not in ("randmask-additive",
+                                                                                     "randmask-peft")),
+                        help="comma-separated: " + ", ".join(METHODS) + " (default all but randmask-additive and "
+                        "randmask-peft)")
     parser.add_argument("--one-process", action="store_true",
                         help="build every method in this process and interleave their steps (a round is one step "
                              "of each, in a shuffled order): steadier step-time ratios, no peak memory")

@@ -322,7 +322,7 @@ SETTING_TEXT = {"qv": "randmask at trainable_ratio 0.01% of the model; LoRA/SHiR
                 "all-linear": "every method at LoRA r=8's count per matrix"}
 
 
-E2E_ORDER = ["frozen", "randmask", "randmask-additive", "lora", "shira", "naive", "full"]
+E2E_ORDER = ["frozen", "randmask", "randmask-additive", "randmask-peft", "lora", "shira", "naive", "full"]
 QUANTIZED_BASE = {"4bit": "a bitsandbytes 4-bit base (nf4, double quantization) under every linear layer but the "
                           "head: frozen is the 4-bit floor, randmask runs additive (mode auto), lora is QLoRA, shira "
                           "PEFT SHiRA on the same base",
@@ -390,6 +390,11 @@ def e2e(rows):
         if merged and additive and not quantized:
             lines += [f"randmask-additive × randmask (merged): {ratio(additive['s'], merged['s'])} median step, "
                       f"{by_round_text(additive, merged)} by round (target ≤ 1.10).", ""]
+        through_peft = methods.get("randmask-peft")
+        if merged and through_peft:
+            lines += [f"randmask-peft × randmask: {ratio(through_peft['s'], merged['s'])} median step, "
+                      f"{by_round_text(through_peft, merged)} by round, peak "
+                      f"{ratio(through_peft['row'].get('peak_bytes'), merged['row'].get('peak_bytes'))}.", ""]
     lines.append("By round: the median over rounds of two methods' ratio within a round (they ran "
                  + ("seconds apart in one process" if one else "minutes apart") + "), with its range.")
 

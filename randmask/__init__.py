@@ -2,8 +2,9 @@
 
 The data path, one file a step: seed -> layer_key -> MatrixMask -> positions (mask.py) -> the kernel each op runs
 (ops.py, over randmask.kernels; constants in tuning.py) -> MaskedLinearFunction and MaskedLinear (layer.py) -> the
-model API (model.py), MaskedAdamW (optim.py) and adapters (adapter.py). The fine-tuning application sits beside the
-library in randmask.recipes, which importing randmask does not load.
+model API (model.py), MaskedAdamW (optim.py) and adapters (adapter.py). randmask.peft makes randmask a PEFT method
+(importing it imports PEFT and registers there); the fine-tuning application sits beside the library in
+randmask.recipes. Importing randmask loads neither.
 """
 from randmask.adapter import AdapterError, load_adapter, merge, read_adapter_header, restore, save_adapter
 from randmask.layer import MaskedLinear

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from randmask import ops, quantized
-from randmask.layer import MaskedLinear, is_conv1d
+from randmask.layer import MaskedLinear, dense_view, is_conv1d
 from randmask.mask import MASK_SCHEME, MatrixMask, layer_key
 from randmask.model import RandMaskConfig, apply_undoable, forget, masked_layers, plan
 
@@ -107,6 +107,26 @@ def _masked_or_refuse(model: nn.Module, what: str) -> list[tuple[str, MaskedLine
     return layers
 
 
+def header_of(config: dict, layers, dtype: torch.dtype) -> dict:
+    """The JSON header (this module's docstring) for `layers`: (name, layer) pairs of MaskedLinear layers, or of
+    anything with their delta, base, mask, key, n, transposed and quantization (a PEFT adapter's slots)."""
+    from randmask import __version__
+
+    entries = []
+    for name, layer in layers:
+        delta = layer.delta.detach().to(device="cpu", dtype=dtype).contiguous()
+        entries.append({"name": name, "key": str(layer.key), "shape": list(layer.mask.shape), "n": layer.n,
+                        "transposed": bool(layer.transposed), "base_dtype": _DTYPE_NAMES[layer.base.dtype],
+                        "quantization": layer.quantization, "delta_blake2b": _digest(_tensor_bytes(delta))})
+    per_layer, whole = _base_fingerprints(_base_record(name, layer.mask.shape, layer.n, layer.base)
+                                          for name, layer in layers)
+    for entry, fingerprint in zip(entries, per_layer):
+        entry["base_blake2b"] = fingerprint
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "mask_scheme": MASK_SCHEME,
+            "randmask_version": __version__, "config": config, "delta_dtype": _DTYPE_NAMES[dtype],
+            "base_fingerprint": whole, "layers": entries}
+
+
 def save_adapter(model: nn.Module, path, dtype=torch.float32) -> dict:
     """Write every masked layer's delta (cast to `dtype`: float32, bfloat16 or float16) to one safetensors file at
     `path`, with the JSON header described in this module's docstring. Syncs each layer first. Returns the header."""
@@ -118,7 +138,7 @@ def save_adapter(model: nn.Module, path, dtype=torch.float32) -> dict:
     if not isinstance(config, RandMaskConfig):
         raise AdapterError("save_adapter: the model has MaskedLinear layers but no randmask_config; "
                            "build it with randmask.apply so the adapter can be loaded again")
-    tensors, entries = {}, []
+    tensors = {}
     for name, layer in layers:  # every delta is checked before any layer syncs its weight
         delta = layer.delta.detach().to(device="cpu", dtype=dtype).contiguous()
         if layer.n and not bool(torch.isfinite(delta).all()):
@@ -126,28 +146,16 @@ def save_adapter(model: nn.Module, path, dtype=torch.float32) -> dict:
                 f"values too large for {_DTYPE_NAMES[dtype]}"
             raise AdapterError(f"save_adapter: layer {name!r} has {problem} in its delta")
         tensors[name + ".delta"] = delta
-    for name, layer in layers:
+    for _, layer in layers:
         layer.sync()
-        entries.append({"name": name, "key": str(layer.key), "shape": list(layer.mask.shape), "n": layer.n,
-                        "transposed": bool(layer.transposed), "base_dtype": _DTYPE_NAMES[layer.base.dtype],
-                        "quantization": layer.quantization,
-                        "delta_blake2b": _digest(_tensor_bytes(tensors[name + ".delta"]))})
-    per_layer, whole = _base_fingerprints(_base_record(name, layer.mask.shape, layer.n, layer.base)
-                                          for name, layer in layers)
-    for entry, fingerprint in zip(entries, per_layer):
-        entry["base_blake2b"] = fingerprint
-    from randmask import __version__
-
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "mask_scheme": MASK_SCHEME,
-              "randmask_version": __version__, "config": config.to_dict(), "delta_dtype": _DTYPE_NAMES[dtype],
-              "base_fingerprint": whole, "layers": entries}
+    header = header_of(RandMaskConfig.to_dict(config), layers, dtype)
     text = json.dumps(header, separators=(",", ":"))
-    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={
         "format": "pt", HEADER_KEY: text, HEADER_HASH_KEY: _digest(text.encode())}))
     return header
 
 
-def _write_atomically(path, write) -> None:
+def write_atomically(path, write) -> None:
     """write(tmp) into a temporary file of its own beside `path`, flushed to disk, then renamed onto `path`: the file
     at `path` is always one whole save (concurrent saves included: the last rename wins), and nothing is left behind
     on a failure or an interrupt."""
@@ -173,20 +181,57 @@ def _write_atomically(path, write) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- read + check
-def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(header, tensors) from a file, checking only that it is an intact randmask adapter of a known version."""
+def _read_safetensors(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise AdapterError(f"no adapter file at {path!r}")
     try:
         with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            names = list(f.keys())
-            tensors = {name: f.get_tensor(name) for name in names}
+            return f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
     except Exception as exc:  # safetensors raises its own SafetensorError (not a ValueError) on damage
         raise AdapterError(f"{path!r} is not a readable safetensors file (corrupt or truncated?): {exc}") from None
+
+
+PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, PEFT_KEY_PREFIX = "adapter_config.json", "adapter_model.safetensors", \
+    "base_model.model."
+
+
+def _read_peft_directory(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(header, tensors) from a PEFT directory written by randmask.peft: adapter_config.json carries the header."""
+    try:
+        with open(os.path.join(path, PEFT_CONFIG_NAME)) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{path!r} is a directory without a readable {PEFT_CONFIG_NAME}: {exc}") from None
+    if not isinstance(data, dict) or data.get("peft_type") != "RANDMASK":
+        method = data.get("peft_type") if isinstance(data, dict) else None
+        raise AdapterError(f"{path!r} holds a PEFT adapter of another method ({method!r}), not randmask's")
+    header = data.get("randmask_adapter")
+    if not isinstance(header, dict):
+        raise AdapterError(f"{path!r}: {PEFT_CONFIG_NAME} has no randmask_adapter header")
+    fields = [field.name for field in dataclasses.fields(RandMaskConfig)]
+    header = {**header, "config": {name: data[name] for name in fields if name in data}}
+    _, stored = _read_safetensors(os.path.join(path, PEFT_WEIGHTS_NAME))
+    tensors = {}
+    for key, tensor in stored.items():
+        name = key.removeprefix(PEFT_KEY_PREFIX)
+        if not key.startswith(PEFT_KEY_PREFIX) or not name.endswith(".randmask_delta"):
+            raise AdapterError(f"{path!r}: unexpected tensor {key!r} (a randmask PEFT adapter holds one "
+                               "'base_model.model.<layer>.randmask_delta' per layer)")
+        tensors[name.removesuffix(".randmask_delta") + ".delta"] = tensor
+    return header, tensors
+
+
+def read(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(header, tensors) from an adapter file, or from a PEFT directory of randmask's, checking only that it is an
+    intact randmask adapter of a known version."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        header, tensors = _read_peft_directory(path)
+        check_header(header, path)
+        return header, tensors
+    if not os.path.isfile(path):
+        raise AdapterError(f"no adapter file at {path!r}")
+    metadata, tensors = _read_safetensors(path)
     if HEADER_KEY not in metadata:
         raise AdapterError(f"{path!r} is a safetensors file but not a randmask adapter (no {HEADER_KEY!r} header)")
     text = metadata[HEADER_KEY]
@@ -196,14 +241,15 @@ def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
         header = json.loads(text)
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{path!r}: the randmask header is not valid JSON: {exc}") from None
-    found = header.get("format") if isinstance(header, dict) else type(header).__name__
-    if found != FORMAT:
-        raise AdapterError(f"{path!r}: the header's format is {found!r}, expected {FORMAT!r}")
-    _check_versions(header, path)
+    check_header(header, path)
     return header, tensors
 
 
-def _check_versions(header: dict, path: str) -> None:
+def check_header(header, path: str) -> None:
+    """The header is randmask's adapter format, in versions this randmask reads."""
+    found = header.get("format") if isinstance(header, dict) else type(header).__name__
+    if found != FORMAT:
+        raise AdapterError(f"{path!r}: the header's format is {found!r}, expected {FORMAT!r}")
     version, scheme = header.get("format_version"), header.get("mask_scheme")
     for field, value, known in (("format_version", version, FORMAT_VERSION), ("mask_scheme", scheme, MASK_SCHEME)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -217,10 +263,10 @@ def _check_versions(header: dict, path: str) -> None:
 
 def read_adapter_header(path) -> dict:
     """The JSON header of an adapter file, after the integrity and version checks."""
-    return _read(path)[0]
+    return read(path)[0]
 
 
-def _layer_entries(header: dict, path: str) -> list[dict[str, Any]]:
+def layer_entries(header: dict, path: str) -> list[dict[str, Any]]:
     layers = header.get("layers")
     if not isinstance(layers, list) or not layers:
         raise AdapterError(f"{path!r}: the header lists no layers")
@@ -246,7 +292,7 @@ def _plan_for(model: nn.Module, config: RandMaskConfig) -> list[tuple[str, tuple
     masked = list(masked_layers(model))
     if masked:
         current = getattr(model, "randmask_config", None)
-        if not isinstance(current, RandMaskConfig) or dataclasses.replace(current, mode=config.mode) != config:
+        if not isinstance(current, RandMaskConfig) or not current.same_masks(config, ignore_mode=True):
             raise AdapterError(f"the model is already masked with a different config ({current!r}) than the "
                                f"adapter's ({config!r}); load the adapter into a fresh base model, or "
                                f"randmask.restore this one first")
@@ -258,7 +304,7 @@ def _plan_for(model: nn.Module, config: RandMaskConfig) -> list[tuple[str, tuple
     return [(name, shape, n, is_conv1d(model.get_submodule(name))) for name, shape, n in planned]
 
 
-def _compare_layers(planned, entries, config: RandMaskConfig, path: str) -> None:
+def compare_layers(planned, entries, config: RandMaskConfig, path: str) -> None:
     want = {name: (shape, n, transposed) for name, shape, n, transposed in planned}
     have = {e["name"]: e for e in entries}
     missing = [name for name in want if name not in have]
@@ -287,7 +333,7 @@ def _compare_layers(planned, entries, config: RandMaskConfig, path: str) -> None
                                f"and mask scheme {MASK_SCHEME} (damaged header?)")
 
 
-def _check_tensors(tensors: dict, entries, delta_dtype: torch.dtype, path: str) -> None:
+def check_tensors(tensors: dict, entries, delta_dtype: torch.dtype, path: str) -> None:
     expected = {e["name"] + ".delta": e for e in entries}
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -310,12 +356,11 @@ def _model_base(model: nn.Module, name: str, shape, n: int, key: int) -> torch.T
     module = model.get_submodule(name)
     if isinstance(module, MaskedLinear):
         return module.base
-    if quantized.quantization_of(module) is not None:
-        weight = quantized.dequantize(module)  # transient
-    else:
-        weight = module.weight.detach().t() if is_conv1d(module) else module.weight.detach()
+    mask = MatrixMask(tuple(shape), n, key)
     with torch.no_grad():
-        return ops.gather_weight(weight, MatrixMask(tuple(shape), n, key))
+        if hasattr(module, "original_values"):  # a PEFT layer of randmask's, whose weight may hold an adapter's values
+            return module.original_values(mask)
+        return ops.gather_weight(dense_view(module).detach(), mask)
 
 
 def _base_kind(module: nn.Module) -> tuple[str | None, str]:
@@ -323,11 +368,12 @@ def _base_kind(module: nn.Module) -> tuple[str | None, str]:
     if isinstance(module, MaskedLinear):
         quantization, dtype = module.quantization, module.base.dtype
     else:
+        module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
         quantization, dtype = quantized.quantization_of(module), quantized.dense_dtype(module)
     return quantization, _DTYPE_NAMES.get(dtype, str(dtype))
 
 
-def _check_base(model: nn.Module, entries, header: dict, path: str) -> None:
+def check_base(model: nn.Module, entries, header: dict, path: str) -> None:
     for e in entries:  # the quantization and dtype first: clearer messages than "another base model"
         quantization, here = _base_kind(model.get_submodule(e["name"]))
         if quantization != e.get("quantization"):
@@ -360,20 +406,20 @@ def load_adapter(model: nn.Module, path, mode: str | None = None) -> nn.Module:
     their quantization) are the ones the adapter was trained on, and the tensors' names, dtypes, shapes, checksums
     and finiteness. On any failure an AdapterError names the problem and the model is left bitwise unchanged."""
     path = os.fspath(path)
-    header, tensors = _read(path)
+    header, tensors = read(path)
     try:
         config = RandMaskConfig.from_dict(header.get("config"))
     except (TypeError, ValueError) as exc:
         raise AdapterError(f"{path!r}: the header's config is not a valid RandMaskConfig: {exc}") from None
     if mode is not None:
-        config = dataclasses.replace(config, mode=mode)
+        config = RandMaskConfig.from_dict({**RandMaskConfig.to_dict(config), "mode": mode})
     delta_dtype = _DELTA_DTYPES.get(header.get("delta_dtype"))
     if delta_dtype is None:
         raise AdapterError(f"{path!r}: unknown delta_dtype {header.get('delta_dtype')!r} in the header")
-    entries = _layer_entries(header, path)
-    _compare_layers(_plan_for(model, config), entries, config, path)
-    _check_tensors(tensors, entries, delta_dtype, path)
-    _check_base(model, entries, header, path)
+    entries = layer_entries(header, path)
+    compare_layers(_plan_for(model, config), entries, config, path)
+    check_tensors(tensors, entries, delta_dtype, path)
+    check_base(model, entries, header, path)
 
     undo = apply_undoable(model, config) if next(masked_layers(model), None) is None else None
     layers = dict(masked_layers(model))
@@ -435,17 +481,18 @@ def _unmask(model: nn.Module, replacement) -> nn.Module:
     return model
 
 
-def _dense_of_quantized(layer: MaskedLinear, dtype: torch.dtype) -> nn.Linear:
+def dense_of_quantized(base_layer: nn.Module, base: torch.Tensor, delta: torch.Tensor, mask: MatrixMask,
+                       dtype: torch.dtype) -> nn.Linear:
     """A new nn.Linear holding dequant(W0) + delta in `dtype` (W0 + delta rounded once, from the dequantized base)."""
-    base_layer = layer.base_layer
     weight = quantized.dequantize(base_layer).to(dtype)
-    if layer.n:
-        ops.sparse_update(weight, layer.base, layer.delta, layer.mask)
-    module = nn.Linear(layer.in_features, layer.out_features, bias=base_layer.bias is not None, device="meta")
+    if mask.n:
+        ops.sparse_update(weight, base, delta, mask)
+    module = nn.Linear(base_layer.in_features, base_layer.out_features, bias=base_layer.bias is not None,
+                       device="meta")
     module.weight = nn.Parameter(weight, requires_grad=False)
     if base_layer.bias is not None:
         module.bias = nn.Parameter(base_layer.bias.detach().to(dtype), requires_grad=False)
-    module.train(layer.training)
+    module.train(base_layer.training)
     return module
 
 
@@ -470,7 +517,7 @@ def merge(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
 
     def merged(layer: MaskedLinear) -> nn.Module:
         if layer.quantization is not None:
-            return _dense_of_quantized(layer, dtype)
+            return dense_of_quantized(layer.base_layer, layer.base, layer.delta, layer.mask, dtype)
         if layer.mode == "additive":  # the base layer's weight takes the merged values
             weight = layer.base_layer.weight
             if layer.n:

@@ -254,6 +254,34 @@ def resolve_mode(module: nn.Module, mode: str, name: str = "") -> str:
     return "additive" if mode == "additive" else "merged"
 
 
+def dense_view(linear: nn.Module) -> torch.Tensor:
+    """The (out, in) matrix a linear layer computes with: its weight (a Conv1D's as a transposed view of the same
+    storage, so writes reach the layer), or for a quantized one a transient dequantized copy."""
+    if quantized.quantization_of(linear) is not None:
+        return quantized.dequantize(linear)
+    return linear.weight.detach().t() if is_conv1d(linear) else linear.weight
+
+
+@torch.no_grad()
+def write_base(weight: torch.Tensor, base: torch.Tensor, mask: MatrixMask) -> None:
+    """Write the original values `base` back at the mask's positions of `weight`, bit-exactly."""
+    if not mask.n:
+        return
+    if weight.dtype == torch.float64:  # the sparse-update kernels add in fp32 and would round float64
+        rows, cols = mask.positions(weight.device)
+        weight[rows, cols] = base
+    else:  # base + (-0.0) is exact for every value, -0.0 included (+0.0 would turn -0.0 into +0.0)
+        ops.sparse_update(weight, base, torch.full((mask.n,), -0.0, device=base.device), mask)
+
+
+def keep_base_training(base_layer: nn.Module | None) -> None:
+    """Keep a quantized base layer in training mode whatever its wrapper's mode: bitsandbytes repacks a 4-bit weight
+    for its CPU inference kernels the first time an eval-mode layer runs without gradients (rounding the block
+    scales to bf16), and the base must stay as it was masked."""
+    if base_layer is not None and quantized.quantization_of(base_layer) is not None:
+        base_layer.training = True
+
+
 class MaskedLinear(nn.Module):
     """y = x W^T + b where W = W0 + delta at n fixed positions chosen by (seed, name); everything else frozen.
     `delta` (fp32, starts at 0) is the only trainable parameter; `base` keeps the n original values W0_k (for a
@@ -294,10 +322,7 @@ class MaskedLinear(nn.Module):
         self.mode, self.seed, self.name = mode, seed, name
         self.transposed = is_conv1d(linear)  # the weight is then a transposed view of its (in, out) storage
         self.quantization = quantized.quantization_of(linear)
-        if self.quantization is not None:
-            dense = quantized.dequantize(linear)  # transient: only the n values at the mask are kept
-        else:
-            dense = linear.weight.detach().t() if self.transposed else linear.weight
+        dense = dense_view(linear)  # for a quantized base transient: only the n values at the mask are kept
         self.out_features, self.in_features = dense.shape
         self.mask = MatrixMask(tuple(dense.shape), _resolve_count(tuple(dense.shape), density, n),
                                layer_key(seed, name))
@@ -393,10 +418,7 @@ class MaskedLinear(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.quantization is not None:
-            # bitsandbytes repacks a 4-bit weight for its CPU inference kernels the first time an eval-mode layer runs
-            # without gradients (rounding the block scales to bf16): the base must stay as it was masked
-            self.base_layer.training = True
+        keep_base_training(self.base_layer if self.quantization is not None else None)
         return self
 
     # ------------------------------------------------------------------ what a user reads
@@ -428,13 +450,9 @@ class MaskedLinear(nn.Module):
     def restore_base(self) -> None:
         """Merged mode: write the original values W0 back at the masked positions, bit-exactly (additive mode never
         wrote them). The weight then holds the base model; delta is kept."""
-        if not self.n or self.mode != "merged":
+        if self.mode != "merged":
             return
-        if self.weight.dtype == torch.float64:  # the sparse-update kernels add in fp32 and would round float64
-            rows, cols = self.mask.positions(self.weight.device)
-            self.weight[rows, cols] = self.base
-        else:  # base + (-0.0) is exact for every value, -0.0 included (+0.0 would turn -0.0 into +0.0)
-            ops.sparse_update(self.weight, self.base, torch.full_like(self.delta, -0.0), self.mask)
+        write_base(self.weight, self.base, self.mask)
         self._synced_version = -1  # the weight no longer holds base + delta: the next forward syncs
 
     def mark_synced(self) -> None:

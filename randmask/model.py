@@ -3,6 +3,7 @@ import dataclasses
 import numbers
 import re
 from collections.abc import Iterator
+from typing import ClassVar
 
 import torch.nn as nn
 
@@ -12,7 +13,7 @@ from randmask.layer import MODES, MaskedLinear, is_conv1d, resolve_mode
 ALL_LINEAR = "all-linear"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class RandMaskConfig:
     """Which matrices to mask and how many values to train.
 
@@ -25,12 +26,22 @@ class RandMaskConfig:
     mode:            "merged" (W0 + delta written into the weight: no inference overhead), "additive"
                      (y = base(x) + S(delta) x: the base is never written), or "auto": merged for plain
                      floating-point weights, additive for quantized ones (bitsandbytes 4-bit and 8-bit).
+
+    Once randmask.peft.register() has run, RandMaskConfig(...) builds its PEFT twin (a subclass that is also a
+    peft.PeftConfig), so the same line configures peft.get_peft_model.
     """
+    _peft_class: ClassVar[type | None] = None  # set by randmask.peft.register()
+
     density: float | None = None
     trainable_ratio: float | None = None
     target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
     seed: int = 0
     mode: str = "auto"
+
+    def __new__(cls, *args, **kwargs):
+        if cls is RandMaskConfig and RandMaskConfig._peft_class is not None and (args or kwargs):
+            cls = RandMaskConfig._peft_class  # not for copy/pickle, which call __new__ without arguments
+        return super().__new__(cls)
 
     def __post_init__(self):
         if (self.density is None) == (self.trainable_ratio is None):
@@ -42,9 +53,9 @@ class RandMaskConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
                 raise ValueError(f"{field} must be a number in (0, 1] (a share of the weights to train), got "
                                  f"{value!r}")
-            object.__setattr__(self, field, float(value))  # numpy scalars included
+            setattr(self, field, float(value))  # numpy scalars included
         if isinstance(self.target_modules, list):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+            self.target_modules = tuple(self.target_modules)
         if not isinstance(self.target_modules, (str, tuple)) or not self.target_modules:
             raise ValueError(f"target_modules must be suffixes, a regex or {ALL_LINEAR!r}, got {self.target_modules!r}")
         if isinstance(self.target_modules, tuple) and not all(isinstance(t, str) and t for t in self.target_modules):
@@ -56,14 +67,15 @@ class RandMaskConfig:
             except re.error as exc:
                 raise ValueError(f"target_modules {self.target_modules!r} is not a valid regex: {exc}") from None
         if isinstance(self.seed, numbers.Integral) and not isinstance(self.seed, bool):
-            object.__setattr__(self, "seed", int(self.seed))
+            self.seed = int(self.seed)
         else:
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
     def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
+        """The randmask fields (a PEFT twin adds PEFT's own in its to_dict; RandMaskConfig.to_dict(c) gives these)."""
+        data = {field.name: getattr(self, field.name) for field in dataclasses.fields(RandMaskConfig)}
         if isinstance(self.target_modules, tuple):
             data["target_modules"] = list(self.target_modules)
         return data
@@ -71,6 +83,21 @@ class RandMaskConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "RandMaskConfig":
         return cls(**data)
+
+    def __eq__(self, other):
+        # by the randmask fields, so that a config equals its PEFT twin (whose own __eq__ defers here for a plain one)
+        if not isinstance(other, RandMaskConfig):
+            return NotImplemented
+        return RandMaskConfig.to_dict(self) == RandMaskConfig.to_dict(other)
+
+    __hash__ = None  # mutable, as PeftConfig
+
+    def same_masks(self, other: "RandMaskConfig", ignore_mode: bool = False) -> bool:
+        """Whether two configs pick the same masks (and, unless ignore_mode, the same mode), PEFT twins included."""
+        mine, theirs = RandMaskConfig.to_dict(self), RandMaskConfig.to_dict(other)
+        if ignore_mode:
+            mine.pop("mode"), theirs.pop("mode")
+        return mine == theirs
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -96,6 +123,21 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return head if head is not None else getattr(model, "lm_head", None)
 
 
+def linear_candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every module, with a wrapper that has a base layer (a PEFT tuner layer, randmask's own
+    included) seen as that base layer and its insides skipped: a model with adapters plans as its base model."""
+    inside = None
+    for name, module in model.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        get_base_layer = getattr(module, "get_base_layer", None)
+        if name and callable(get_base_layer):
+            inside = name + "."
+            yield name, get_base_layer()
+        else:
+            yield name, module
+
+
 def find_targets(model: nn.Module, config: RandMaskConfig) -> list[tuple[str, nn.Module]]:
     """(name, module) of every linear layer the config targets, in module order."""
     if _is_linear(model) or isinstance(model, MaskedLinear):
@@ -103,8 +145,8 @@ def find_targets(model: nn.Module, config: RandMaskConfig) -> list[tuple[str, nn
                          f"{type(model).__name__}; for one layer use randmask.MaskedLinear.from_linear")
     if config.target_modules == ALL_LINEAR:
         head = _output_head(model)
-        return [(name, m) for name, m in model.named_modules() if _is_linear(m) and m is not head]
-    matched = [(name, m) for name, m in model.named_modules() if name and _matches(name, config.target_modules)]
+        return [(name, m) for name, m in linear_candidates(model) if _is_linear(m) and m is not head]
+    matched = [(name, m) for name, m in linear_candidates(model) if name and _matches(name, config.target_modules)]
     other = [f"{name} ({type(m).__name__})" for name, m in matched if not _is_linear(m)]
     if other:  # as PEFT: a target that cannot be masked is an error, not silently skipped
         raise ValueError(f"target_modules={config.target_modules!r} matches modules that are not linear layers: "
@@ -130,14 +172,16 @@ def _counts(targets, total_params: int, config: RandMaskConfig) -> list[int]:
     return counts
 
 
-def plan(model: nn.Module, config: RandMaskConfig) -> list[tuple[str, tuple[int, int], int]]:
-    """(name, (out, in), n) for every layer `apply` would mask, without changing the model (works on "meta")."""
+def plan(model: nn.Module, config: RandMaskConfig,
+         total_params: int | None = None) -> list[tuple[str, tuple[int, int], int]]:
+    """(name, (out, in), n) for every layer `apply` would mask, without changing the model (works on "meta").
+    `total_params`: what trainable_ratio is a share of (default: count_parameters(model))."""
     targets = find_targets(model, config)
     if not targets:
-        linear = [name for name, m in model.named_modules() if _is_linear(m)]
+        linear = [name for name, m in linear_candidates(model) if _is_linear(m)]
         raise ValueError(f"target_modules={config.target_modules!r} matches no linear layer; the model's linear "
                          f"layers include {linear[:6]}")
-    total_params = count_parameters(model)
+    total_params = count_parameters(model) if total_params is None else total_params
     shapes = [_matrix_shape(m) for _, m in targets]
     counts = _counts(targets, total_params, config)
     if not sum(counts):
@@ -216,7 +260,7 @@ def apply_undoable(model: nn.Module, config: RandMaskConfig):
             layer = MaskedLinear.from_linear(module, n=n, seed=config.seed, name=name, mode=config.mode)
             originals.append((name, module))
             _set_submodule(model, name, layer)
-        model.randmask_config = config
+        model.randmask_config = RandMaskConfig.from_dict(RandMaskConfig.to_dict(config))  # a copy the user cannot edit
         model._randmask_load_check = model.register_load_state_dict_pre_hook(_check_masks_before_loading)
     except BaseException:
         undo()

@@ -2,6 +2,7 @@
 import pathlib
 import re
 
+import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -45,3 +46,53 @@ def test_the_readme_4bit_example_runs_as_written(tmp_path):
     attention = namespace["merged"].model.layers[0].self_attn  # q_proj, v_proj masked (additive), then merged
     assert type(attention.q_proj) is torch.nn.Linear and attention.q_proj.weight.dtype == torch.bfloat16
     assert type(attention.k_proj).__name__ == "Linear4bit"
+
+
+def python_block_with(path, marker):
+    return next(block for block in re.findall(r"```python\n(.*?)```", path.read_text(), re.S) if marker in block)
+
+
+def test_the_peft_example_runs_as_written_in_the_readme_and_docs(tmp_path, monkeypatch):
+    from test_model import lm_loss, tiny_llama, tokens
+
+    code = python_block_with(ROOT / "README.md", "get_peft_model")
+    assert code == python_block_with(ROOT / "docs" / "peft.md", "get_peft_model")
+    monkeypatch.chdir(tmp_path)
+    trained = tiny_llama()
+    namespace = {"model": trained, "fresh_base_model": tiny_llama()}
+    first, last = code.rsplit("model.save_pretrained", 1)
+    exec(compile(first, "readme-peft", "exec"), namespace)
+    optimizer = torch.optim.AdamW([p for p in namespace["model"].parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        lm_loss(namespace["model"], tokens(3)).backward()
+        optimizer.step()
+    with torch.no_grad():
+        expected = namespace["model"](tokens(3)).logits
+    exec(compile("model.save_pretrained" + last, "readme-peft", "exec"), namespace)
+    with torch.no_grad():
+        assert torch.equal(namespace["model"](tokens(3)).logits, expected)
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.full
+def test_the_trl_example_in_the_peft_doc_runs_as_written(tmp_path, monkeypatch):
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from peft import PeftModel
+    from test_peft import TOKENS, base_model, logits
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    monkeypatch.chdir(tmp_path)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
+        {f"t{i}": i for i in range(64)}, unk_token="t0")), pad_token="t0", eos_token="t1")
+    namespace = {"model": base_model("llama"), "tokenizer": tokenizer,
+                 "dataset": Dataset.from_list([{"input_ids": TOKENS[i % 2].tolist()} for i in range(8)])}
+    code = python_block_with(ROOT / "docs" / "peft.md", "SFTTrainer")
+    code = code.replace("SFTConfig(", "SFTConfig(use_cpu=True, bf16=False, report_to=[], ")  # CI has no GPU
+    exec(compile(code, "peft-doc-trl", "exec"), namespace)
+    trained = namespace["trainer"].model
+    loaded = PeftModel.from_pretrained(base_model("llama"), tmp_path / "out" / "adapter")
+    assert torch.equal(logits(loaded), logits(trained.eval()))
+    assert not torch.equal(logits(loaded), logits(base_model("llama")))

@@ -1,13 +1,21 @@
 """Bad inputs and faults, as a new user meets them: each case must raise a clear error (its type, and a message
 naming the problem) and leave the model's state_dict and every file bitwise as they were.
 
+Groups: the layer, the config, apply, state_dicts, adapters, the optimizer, the mask functions, merge / restore and
+the CLI (exit status 2 and one error line); beside the table, the determinism tests and the faults that need their
+own set-up (interrupts, concurrent saves).
 A case is one entry in CASES: (group, id, the call, the exception type, a regex its message matches). The call gets
 a World: a tiny masked Llama (`masked`), a fresh unmasked one (`fresh`), a saved adapter (`adapter`) and a scratch
 directory. Add a case by adding a line; the checks around it are shared.
 """
+import contextlib
 import dataclasses
+import hashlib
+import io
 import os
 import pathlib
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -458,7 +466,10 @@ cases("apply", ValueError, "meta device.*load the weights first",
                                           .to("meta"), CONFIG))
 cases("adapter", AdapterError, "no randmask_config",
       save_handmade=lambda w: randmask.save_adapter(nn.Sequential(MaskedLinear(4, 4, n=2)), w.scratch / "a"))
-cases("adapter", AdapterError, "no adapter file", header_missing=lambda w: randmask.read_adapter_header(w.scratch))
+cases("adapter", AdapterError, "no adapter file",
+      header_missing=lambda w: randmask.read_adapter_header(w.scratch / "a"))
+cases("adapter", AdapterError, "directory without a readable adapter_config.json",
+      peft_directory_missing=lambda w: randmask.read_adapter_header(w.scratch))
 cases("adapter", AdapterError, "not a randmask adapter",
       foreign_safetensors=lambda w: randmask.load_adapter(w.fresh, w.scratch / "plain.safetensors"))
 cases("optimizer", ValueError, "empty parameter list", no_params=lambda w: MaskedAdamW([]))
@@ -478,6 +489,93 @@ def _int_linear():
     linear = nn.Linear(4, 4)
     linear.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int64), requires_grad=False)
     return linear
+
+
+# ---------------------------------------------------------------------------------------------------- the CLI
+class CliError(Exception):
+    """`randmask ...` exited with status 2 and one error line."""
+
+
+def run_cli(*argv):
+    from randmask.recipes.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main([str(a) for a in argv])
+        except SystemExit as exc:
+            lines = err.getvalue().splitlines()
+            if exc.code == 2 and len(lines) == 1 and lines[0].startswith("randmask "):
+                raise CliError(lines[0]) from None
+            raise AssertionError(f"exit status {exc.code}, stderr {err.getvalue()!r}") from None
+    raise AssertionError("the command succeeded")
+
+
+def cli_cases(match, **argv_by_id):
+    """Each argv may name world paths: {scratch}, {adapter}."""
+    cases("cli", CliError, match, **{
+        k: (lambda w, argv=argv: run_cli(*[a.format(scratch=w.scratch, adapter=w.adapter) for a in argv]))
+        for k, argv in argv_by_id.items()})
+
+
+cli_cases("--threads must be at least 1", threads_negative=["finetune", "--threads", "-1"])
+cli_cases("exists and is not a directory",
+          output_dir_file=["finetune", "--output-dir", "{scratch}/existing.safetensors"])
+cli_cases("unknown method 'ia3'", method_unknown=["finetune", "--method", "ia3"])
+cli_cases("a method is listed twice", method_twice=["finetune", "--method", "randmask,randmask"])
+cli_cases("--lr must be a number", lr_word=["finetune", "--lr", "fast"])
+cli_cases("--lr must be positive", lr_negative=["finetune", "--lr", "-1"])
+cli_cases("--density must be in", density_above_one=["finetune", "--density", "2"])
+cli_cases("--trainable-ratio must be in", ratio_zero=["finetune", "--trainable-ratio", "0"])
+cli_cases("not allowed with", density_and_ratio=["finetune", "--density", "0.1", "--trainable-ratio", "0.1"])
+cli_cases("argument --dtype: invalid choice", dtype_unknown=["finetune", "--dtype", "int4"])
+cli_cases("invalid choice", quantize_unknown=["finetune", "--quantize", "3bit"])
+cli_cases("cannot train a --quantize|trains the weights themselves",
+          full_on_4bit=["finetune", "--method", "full", "--quantize", "4bit"])
+cli_cases("--clip must be", clip_negative=["finetune", "--clip", "-1"])
+cli_cases("model directory .* does not exist", model_missing=["finetune", "--model", "{scratch}/nothing"])
+cli_cases("is a file", model_file=["finetune", "--model", "{scratch}/existing.safetensors"])
+cli_cases("no config.json", model_empty_dir=["finetune", "--model", "{scratch}"])
+cli_cases("apply to --data FILE", labels_without_data=["finetune", "--labels", "no,yes"])
+cli_cases("invalid int value", epochs_word=["finetune", "--epochs", "two"])
+cli_cases("no adapter file", to_peft_missing=["to-peft", "{scratch}/missing.safetensors", "{scratch}/peft"])
+cli_cases("not a readable safetensors", to_peft_corrupt=["to-peft", "{scratch}/text.safetensors", "{scratch}/peft"])
+cli_cases("not a randmask adapter", to_peft_foreign=["to-peft", "{scratch}/plain.safetensors", "{scratch}/peft"])
+cli_cases("File exists|Not a directory", to_peft_onto_a_file=["to-peft", "{adapter}", "{scratch}/existing.safetensors"])
+
+
+# ---------------------------------------------------------------------------------------------------- determinism
+def _train_deltas(threads: int) -> list[torch.Tensor]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = randmask.apply(tiny_llama(), CONFIG)
+        optimizer = MaskedAdamW(model.parameters(), lr=1e-2)
+        for step in range(3):
+            batch = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(step))
+            model(input_ids=batch, labels=batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return [layer.delta.detach().clone() for _, layer in randmask.masked_layers(model)]
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_training_is_bitwise_repeatable_at_any_thread_count():
+    one, again, two = _train_deltas(1), _train_deltas(1), _train_deltas(2)
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(one, again))
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(one, two))
+
+
+def test_masks_are_the_same_in_another_process():
+    code = ("import randmask, hashlib; from randmask.mask import mask_positions; "
+            "r, c = mask_positions((192, 576), 1000, randmask.layer_key(1, 'model.layers.0.self_attn.q_proj')); "
+            "print(hashlib.sha256(r.numpy().tobytes() + c.numpy().tobytes()).hexdigest())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "RANDMASK_BACKEND": "torch"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    r, c = randmask.mask_positions((192, 576), 1000, randmask.layer_key(1, "model.layers.0.self_attn.q_proj"))
+    assert out.stdout.strip().splitlines()[-1] == hashlib.sha256(r.numpy().tobytes() + c.numpy().tobytes()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------- the runner

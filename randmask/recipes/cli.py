@@ -66,8 +66,16 @@ def demo(args) -> None:
     print(f"entries changed in the whole model: {changed:,} (trainable values: {trainable:,})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block), as the commands' own errors."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="randmask", description="Random-Masking fine-tuning: train a fixed, "
+    parser = _Parser(prog="randmask", description="Random-Masking fine-tuning: train a fixed, "
                                      "seed-addressed random subset of a pretrained model's weights.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("demo", help="fine-tune a tiny config-built Llama with masked linear layers and "
@@ -82,6 +90,13 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the masks and of the toy data (default 0)")
     p.set_defaults(run=demo)
     add_finetune(commands)
+    p = commands.add_parser("to-peft", help="write an adapter file of randmask.save_adapter as a PEFT directory",
+                            description="Write ADAPTER (a file written by randmask.save_adapter, float32) as a PEFT "
+                            "directory that peft.PeftModel.from_pretrained and randmask.load_adapter read: "
+                            "adapter_config.json and adapter_model.safetensors.")
+    p.add_argument("adapter", help="the adapter file (.safetensors)")
+    p.add_argument("directory", help="the PEFT directory to write (created if missing)")
+    p.set_defaults(run=to_peft)
     args = parser.parse_args(argv)
     args.run(args)
 
@@ -258,8 +273,20 @@ def finetune(args) -> None:
         _fail(f"{exc.strerror or exc}{where}")
 
 
-def _fail(message):
+def to_peft(args) -> None:
+    """Run `randmask to-peft`."""
+    import randmask.peft
+
+    try:
+        randmask.peft.convert(args.adapter, args.directory)
+    except randmask.AdapterError as exc:
+        _fail(str(exc), "to-peft")
+    except OSError as exc:
+        _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), "to-peft")
+
+
+def _fail(message, command="finetune"):
     """argparse's way: one line on stderr, exit status 2."""
     first = " ".join(message.split("\n")).strip() or "failed"
-    print(f"randmask finetune: error: {first}", file=sys.stderr)
+    print(f"randmask {command}: error: {first}", file=sys.stderr)
     raise SystemExit(2) from None

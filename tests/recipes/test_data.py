@@ -21,7 +21,7 @@ def test_split_is_deterministic_and_seeded(csv_file):
     texts = [e.text for part in a for e in part]
     assert len(set(texts)) == len(texts)  # disjoint
     # Fixed by Python's random.Random, not torch: the same on every machine (pinned here).
-    assert a[0][0] == D.split(data, 0, (1, 1, 1))[0][0]
+    assert a[0][0] == D.split(data, 0, (1, 1, 1))[0][0] == D.Example("today it drive great 57", 1)
     # Too small for the sizes: split in proportion.
     small = D.split(data, 0, (1000, 500, 1000))
     assert [len(p) for p in small] == [48, 24, 48]

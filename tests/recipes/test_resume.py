@@ -49,6 +49,25 @@ def kill_at_step(monkeypatch, k, only=None):
     monkeypatch.setattr(T, "make_optimizer", make)
 
 
+def count_steps(monkeypatch):
+    """{method: the optimizer steps it takes}, counted from here on (a resume that restarted would take them all)."""
+    real, steps = T.make_optimizer, {}
+
+    def make(method, params, lr):
+        opt = real(method, params, lr)
+        step, steps[method] = opt.step, 0
+
+        def counting_step(*a, **kw):
+            steps[method] += 1
+            return step(*a, **kw)
+
+        opt.step = counting_step
+        return opt
+
+    monkeypatch.setattr(T, "make_optimizer", make)
+    return steps
+
+
 def trained_values(out, method):
     path = out / ("randmask_adapter.safetensors" if method == "randmask" else "lora_adapter/adapter_model.safetensors")
     return load_file(path)
@@ -72,9 +91,11 @@ def straight(tmp_path_factory, model_dir, csv_file):
     return get
 
 
-@pytest.mark.parametrize("method,kill", [("randmask", 5), ("randmask", 10), ("randmask", 7), ("lora", 9)])
+# left: the steps the resumed run takes, 12 in all minus the checkpoint's: 12 - 4, 12 - 8, 12 - 6, 12 - 8
+@pytest.mark.parametrize("method,kill,left", [("randmask", 5, 8), ("randmask", 10, 4), ("randmask", 7, 6),
+                                              ("lora", 9, 4)])
 def test_killed_and_resumed_run_is_bitwise_the_uninterrupted_one(tmp_path, monkeypatch, model_dir, csv_file,
-                                                                  straight, method, kill):
+                                                                  straight, method, kill, left):
     # kill 5: in epoch 1, last checkpoint at step 4; 10: in epoch 2 (step 8's checkpoint); 7: the first step of
     # epoch 2, the epoch-end checkpoint (step 6, after the dev evaluation) is the last
     ref_out, ref = straight(method)
@@ -87,18 +108,20 @@ def test_killed_and_resumed_run_is_bitwise_the_uninterrupted_one(tmp_path, monke
     assert state["step"] == (kill - 1) // 2 * 2
     monkeypatch.undo()
 
-    lines = []
-    resumed = F.run(settings(model_dir, csv_file, out, method, resume=True), log=lines.append)
-    assert any(f"resumed from {out / f'checkpoint-{method}.pt'} at step {state['step']}" in line for line in lines)
+    steps = count_steps(monkeypatch)
+    resumed = F.run(settings(model_dir, csv_file, out, method, resume=True), log=lambda *a: None)
+    assert steps == {method: left}
     assert record(resumed, method) == record(ref, method)
     got, want = trained_values(out, method), trained_values(ref_out, method)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert resumed["zero_shot"]["test_accuracy"] == ref["zero_shot"]["test_accuracy"]
 
 
-def test_resuming_a_finished_run_reproduces_it(model_dir, csv_file, straight):
+def test_resuming_a_finished_run_reproduces_it(monkeypatch, model_dir, csv_file, straight):
     ref_out, ref = straight("randmask")
+    steps = count_steps(monkeypatch)
     again = F.run(settings(model_dir, csv_file, ref_out, "randmask", resume=True), log=lambda *a: None)
+    assert steps == {"randmask": 0}  # the checkpoint is the end of epoch 2 of 2: 12 - 12 steps left
     assert record(again, "randmask") == record(ref, "randmask")
 
 
@@ -109,7 +132,9 @@ def test_resume_of_two_methods_killed_in_the_second(tmp_path, monkeypatch, model
     with pytest.raises(Killed):
         F.run(settings(model_dir, csv_file, out, "randmask", **two), log=lambda *a: None)
     monkeypatch.undo()
+    steps = count_steps(monkeypatch)
     resumed = F.run(settings(model_dir, csv_file, out, "randmask", resume=True, **two), log=lambda *a: None)
+    assert steps == {"randmask": 0, "lora": 10}  # randmask finished (12 - 12); lora killed at 4, checkpoint 2: 12 - 2
     ref_lora = straight("lora")
     assert record(resumed, "lora") == record(ref_lora[1], "lora")
     got, want = trained_values(out, "lora"), trained_values(ref_lora[0], "lora")
@@ -125,8 +150,10 @@ def test_checkpoints_without_checkpoint_every_are_per_epoch(tmp_path, monkeypatc
         F.run(settings(model_dir, csv_file, out, "randmask", checkpoint_every=None), log=lambda *a: None)
     assert torch.load(out / "checkpoint-randmask.pt", weights_only=True)["step"] == 6
     monkeypatch.undo()
+    steps = count_steps(monkeypatch)
     resumed = F.run(settings(model_dir, csv_file, out, "randmask", checkpoint_every=None, resume=True),
                     log=lambda *a: None)
+    assert steps == {"randmask": 6}  # killed at 11, the epoch-end checkpoint at 6: 12 - 6
     assert record(resumed, "randmask") == record(ref, "randmask")
 
 
