@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pathlib
 import re
 from typing import Any
 
@@ -129,9 +130,8 @@ def header_of(config: dict, layers, dtype: torch.dtype) -> dict:
 
 def save_adapter(model: nn.Module, path, dtype=torch.float32) -> dict:
     """Write every masked layer's delta (cast to `dtype`: float32, bfloat16 or float16) to one safetensors file at
-    `path`, with the JSON header described in this module's docstring. Syncs each layer first. Returns the header."""
-    from safetensors.torch import save_file
-
+    `path`, with the JSON header described in this module's docstring. Syncs each layer first. Returns the header.
+    In a process group (DDP, FSDP through randmask.distributed), only rank 0 writes."""
     dtype = _delta_dtype(dtype)
     layers = _masked_or_refuse(model, "save_adapter")
     config = getattr(model, "randmask_config", None)
@@ -149,10 +149,26 @@ def save_adapter(model: nn.Module, path, dtype=torch.float32) -> dict:
     for _, layer in layers:
         layer.sync()
     header = header_of(RandMaskConfig.to_dict(config), layers, dtype)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return header  # every rank holds the same deltas (DDP, randmask.distributed): rank 0 writes the file
     text = json.dumps(header, separators=(",", ":"))
-    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={
-        "format": "pt", HEADER_KEY: text, HEADER_HASH_KEY: _digest(text.encode())}))
+    blob = safetensors_bytes(tensors, {"format": "pt", HEADER_KEY: text, HEADER_HASH_KEY: _digest(text.encode())})
+    write_atomically(path, lambda tmp: pathlib.Path(tmp).write_bytes(blob))
     return header
+
+
+def safetensors_bytes(tensors: dict, metadata: dict) -> bytes:
+    """A safetensors file's bytes with its JSON header in one canonical form (keys sorted): safetensors itself orders
+    the metadata as a per-process hash map does, so the same adapter saved by two processes would differ in bytes."""
+    import struct
+
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata=metadata)
+    size = struct.unpack("<Q", blob[:8])[0]
+    header = json.dumps(json.loads(blob[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(header)) + header + blob[8 + size:]
 
 
 def write_atomically(path, write) -> None:

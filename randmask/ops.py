@@ -392,8 +392,40 @@ def gather_weight(weight: torch.Tensor, mask) -> torch.Tensor:
     return run("gather_weight", select("gather_weight", weight.device, (weight.dtype,)), weight, mask)
 
 
+def row_shard(weight: torch.Tensor):
+    """(local rows, index of the first) of a weight that FSDP2 shards by rows (a DTensor placed Shard(0) on a 1-D
+    mesh; torch.chunk's split: ceil(out / ranks) rows a rank), or None for a plain tensor."""
+    import sys
+
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist yet
+        return None
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(weight, DTensor):
+        return None
+    if tuple(weight.placements) != (Shard(0),):
+        raise NotImplementedError(f"randmask writes into weights sharded by rows (FSDP2's Shard(0) on a 1-D mesh), "
+                                  f"got placements {weight.placements}")
+    chunk = -(-weight.shape[0] // weight.device_mesh.size())
+    return weight.to_local(), chunk * weight.device_mesh.get_local_rank()
+
+
+def _sparse_update_shard(shard, base, delta, mask) -> None:
+    """sparse_update on this rank's rows of a row-sharded weight: the slots whose row falls there (O(n), torch ops;
+    no communication: every rank derives the same positions from the key)."""
+    local, first = shard
+    rows, cols = mask.positions(local.device)
+    mine = (rows >= first) & (rows < first + local.shape[0])
+    with torch.no_grad():
+        update_op.sparse_update_torch(local, base[mine], delta[mine], rows[mine] - first, cols[mine])
+
+
 def sparse_update(weight: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, mask) -> None:
-    """weight[r_k, c_k] = round_to_weight_dtype(float(base[k]) + delta[k]), in place; nothing else is touched."""
+    """weight[r_k, c_k] = round_to_weight_dtype(float(base[k]) + delta[k]), in place; nothing else is touched. A
+    row-sharded weight (FSDP2) gets the entries of its own rows."""
+    shard = row_shard(weight)
+    if shard is not None:
+        return _sparse_update_shard(shard, base, delta, mask)
     name = select("sparse_update", weight.device, (weight.dtype, base.dtype, delta.dtype))
     run("sparse_update", name, weight, base, delta, mask)
 
@@ -404,6 +436,10 @@ def sparse_update_many(updates) -> None:
     groups = {}
     for update in updates:
         weight, _, delta, _ = update
+        shard = row_shard(weight)
+        if shard is not None:
+            _sparse_update_shard(shard, *update[1:])
+            continue
         groups.setdefault(select("sparse_update_many", weight.device, (weight.dtype, delta.dtype)), []).append(update)
     for name, group in groups.items():
         run("sparse_update_many", name, group)

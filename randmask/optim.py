@@ -119,13 +119,16 @@ class MaskedAdamW(Optimizer):
                 state["step"] += 1
                 layer = layer_of(param)
                 merged = layer is not None and layer.mode == "merged"  # additive layers have no weight to write
+                fused_write = merged and ops.row_shard(layer.weight) is None  # a sharded weight: written after
                 params.append(ops.AdamWParam(param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                             (layer.weight, layer.base, layer.mask) if merged else None))
+                                             (layer.weight, layer.base, layer.mask) if fused_write else None))
                 if layer is not None:
-                    layers.append(layer)
+                    layers.append((layer, merged and not fused_write))
             beta1, beta2 = group["betas"]
             ops.adamw(params, lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
                       weight_decay=float(group["weight_decay"]))
-            for layer in layers:
+            ops.sparse_update_many([(layer.weight, layer.base, layer.delta, layer.mask) for layer, write in layers
+                                    if write])
+            for layer, _ in layers:
                 layer.mark_synced()
         return loss

@@ -495,8 +495,6 @@ def _check_loaded_tensors(model, config: RandMaskPeftConfig, adapter_name: str, 
 def convert(path, directory) -> None:
     """Write the adapter file `path` (randmask.save_adapter's) as a PEFT directory that PeftModel.from_pretrained
     and randmask.load_adapter read: adapter_config.json and adapter_model.safetensors."""
-    from safetensors.torch import save_file
-
     header, tensors = adapter_file.read(path)
     if header["delta_dtype"] != "float32":
         raise adapter_file.AdapterError(f"{os.fspath(path)!r} stores {header['delta_dtype']} deltas; a PEFT "
@@ -507,7 +505,8 @@ def convert(path, directory) -> None:
     renamed = {f"{adapter_file.PEFT_KEY_PREFIX}{name.removesuffix('.delta')}.randmask_delta": tensor
                for name, tensor in tensors.items()}
     adapter_file.write_atomically(os.path.join(directory, adapter_file.PEFT_WEIGHTS_NAME),
-                                  lambda tmp: save_file(renamed, tmp, metadata={"format": "pt"}))
+                                  lambda tmp: pathlib.Path(tmp).write_bytes(
+                                      adapter_file.safetensors_bytes(renamed, {"format": "pt"})))
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True)
     adapter_file.write_atomically(os.path.join(directory, adapter_file.PEFT_CONFIG_NAME),
                                   lambda tmp: pathlib.Path(tmp).write_text(text))
