@@ -24,6 +24,9 @@
 #                 fits in the GPU, tried largest first (each built on "meta" and quantized a layer at a time on
 #                 the GPU, never dense), with QLoRA's peak memory at that shape beside it (2 processes when the
 #                 70B fits)                                                                                  <= 420 s
+#   fsdp-1gpu     bench_distributed, 1B shape, bf16: one plain process against FSDP2 and DDP on one rank under
+#                 torchrun (one GPU cannot show sharding: this checks that the FSDP path runs on CUDA/NCCL and
+#                 what it costs over the plain step)                                                         <= 180 s
 # Sum of the limits: default sections 915 s, e2e-8b + e2e-compile 510 s, e2e-4bit-8b + fits-4bit 570 s; in practice
 # e2e takes ~25 s per process, mostly start-up. Add the machine's start when sizing one call against a time budget.
 # The two 4-bit sections need bitsandbytes (with a libbitsandbytes_cuda<version>.so for torch's CUDA): if the device's
@@ -48,7 +51,7 @@ PY="${PYTHON:-python3}"  # the device image's python3 holds torch; there may be 
 START=$(date +%s)
 shift $(( $# > 0 ? 1 : 0 ))
 SECTIONS=" ${*:-triton micro e2e} "
-[[ "$SECTIONS" == *" all "* ]] && SECTIONS=" triton micro e2e e2e-8b e2e-compile e2e-4bit-8b fits-4bit "
+[[ "$SECTIONS" == *" all "* ]] && SECTIONS=" triton micro e2e e2e-8b e2e-compile e2e-4bit-8b fits-4bit fsdp-1gpu "
 want() { [[ "$SECTIONS" == *" $1 "* ]]; }
 elapsed() { echo "($(( $(date +%s) - START )) s so far)"; }
 # the tables and plots of every run in OUT_DIR/results.jsonl, packed into one file
@@ -181,5 +184,11 @@ if want fits-4bit && have_bnb fits-4bit; then
   timeout 420 $PY benchmarks/bench_e2e.py --device cuda --dtype bfloat16 --quantize 4bit --fits 8b,13b,34b,70b \
     --steps 3 --warmup 1 --no-report
   echo "fits 4-bit exit status $?"; save_reports
+fi
+if want fsdp-1gpu; then
+  echo; echo "== section fsdp-1gpu $(elapsed)"
+  timeout 180 $PY benchmarks/bench_distributed.py --device cuda --shape 1b --dtype bfloat16 --ranks 1 \
+    --modes ddp,fsdp --one-rank-too --steps 10 --warmup 3 --no-report
+  echo "fsdp 1 gpu exit status $?"; save_reports
 fi
 echo "== gpu_check done in $(( $(date +%s) - START )) s; log: $LOG"

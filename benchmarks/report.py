@@ -424,6 +424,26 @@ def e2e(rows):
     return "\n".join(lines), plot
 
 
+# ---------------------------------------------------------------------------------------------------- distributed
+def distributed(rows):
+    p = rows[0]["params"]
+    single = next((r for r in rows if r["variant"] == "single"), None)
+    out = []
+    for r in rows:
+        out.append([str(r["params"]["ranks"]), r["variant"], f"{r['s'] * 1e3:.1f}",
+                    ratio(r["s"], single and single["s"]),
+                    f"{r['peak_bytes'] / 2**20:.0f}", ratio(r["peak_bytes"], single and single["peak_bytes"]),
+                    f"{r['base_bytes'] / 2**20:.0f}", ratio(r["base_bytes"], single and single["base_bytes"])])
+    lines = [header(f"Several processes: one training step, {p['shape']} shape, {p['dtype']}", rows),
+             f"Global batch {p['batch']} × {p['seq']} tokens split across the ranks; randmask q,v at 0.01%, "
+             "MaskedAdamW; step = the slowest rank's median step; peak = the largest rank's (on the CPU its peak "
+             "RSS, which includes the whole model it builds before sharding); base held = the frozen bytes a rank "
+             "keeps after sharding.", "",
+             markdown_table(["ranks", "mode", "step ms", "× one process", "peak MiB", "× one process",
+                             "base held MiB", "× one process"], out)]
+    return "\n".join(lines), None
+
+
 # ---------------------------------------------------------------------------------------------------- fits
 def fits(rows):
     """bench_e2e.py --fits: per shape tried (largest first), randmask's and QLoRA's q,v step, or out of memory."""
@@ -500,7 +520,7 @@ def generic(rows):
 
 
 RENDERERS = {"masked_grad": masked_grad, "update": update, "positions": positions, "overhead": overhead,
-             "e2e": e2e, "fits": fits}
+             "e2e": e2e, "fits": fits, "distributed": distributed}
 
 
 def write_reports(rows, out_dir, with_run=False, plots=True) -> list:

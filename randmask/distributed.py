@@ -15,7 +15,8 @@ from torch.distributed.fsdp import fully_shard as _fsdp_fully_shard
 
 from randmask.model import masked_layers
 
-__all__ = ["delta_parameters", "fully_shard", "load_checkpoint", "replicate_deltas", "save_checkpoint"]
+__all__ = ["average_gradients", "delta_parameters", "fully_shard", "load_checkpoint", "replicate_deltas",
+           "save_checkpoint"]
 
 
 def delta_parameters(model: nn.Module) -> set:
@@ -44,15 +45,22 @@ def _average(param, group, ranks: int) -> None:
     param.grad.div_(ranks)
 
 
-def replicate_deltas(model: nn.Module, group=None) -> None:
-    """Make every masked layer's delta the same on all ranks of `group` (broadcast from its first rank) and average
-    its gradient across them after each backward (for a model sharded with ignored_params = its deltas)."""
+def average_gradients(params, group=None) -> None:
+    """Make `params` the same on all ranks of `group` (broadcast from its first rank) and average their gradients
+    across them after each backward: data parallelism for a few trainable tensors, without a wrapper module."""
     ranks = dist.get_world_size(group)
     first = dist.get_global_rank(group, 0) if group is not None else 0
+    for param in params:
+        dist.broadcast(param.data, src=first, group=group)
+        param.register_post_accumulate_grad_hook(functools.partial(_average, group=group, ranks=ranks))
+
+
+def replicate_deltas(model: nn.Module, group=None) -> None:
+    """average_gradients for every masked layer's delta (a model sharded with ignored_params = its deltas); each
+    rank then writes the merged entries of its own rows for the broadcast values."""
+    average_gradients([layer.delta for _, layer in masked_layers(model)], group)
     for _, layer in masked_layers(model):
-        dist.broadcast(layer.delta.data, src=first, group=group)
-        layer.delta.register_post_accumulate_grad_hook(functools.partial(_average, group=group, ranks=ranks))
-        layer.sync()  # the merged entries of this rank's rows hold the broadcast values
+        layer.sync()
 
 
 def _training_state(model: nn.Module, optimizer) -> dict:

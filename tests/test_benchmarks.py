@@ -155,7 +155,7 @@ def _rows(dataset, bench):
 @pytest.mark.full
 def test_every_script_explains_itself():
     for script in ("bench_masked_grad.py", "bench_update.py", "bench_positions.py", "bench_overhead.py",
-                   "bench_sparse_add.py", "bench_e2e.py", "profile_step.py", "report.py"):
+                   "bench_sparse_add.py", "bench_e2e.py", "bench_distributed.py", "profile_step.py", "report.py"):
         done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}, timeout=120)
         assert done.returncode == 0 and len(done.stdout) > 500, script
@@ -223,6 +223,17 @@ def test_bench_e2e_per_process_and_in_one_process(dataset):
     assert all(row["peak_bytes"] > 0 and len(row["seconds"]) == 2 for row in per_process)
     assert next(row for row in per_process if row["variant"] == "randmask")["adapter_bytes"] > 0
     assert {row["table"] for row in rows} == {"135m_float32", "135m_float32_one-process"}
+
+
+@pytest.mark.full
+def test_bench_distributed_runs_one_process_ddp_and_fsdp(dataset):
+    _run("bench_distributed.py", dataset, "--shape", "tiny", "--batch", "2", "--seq", "8", "--steps", "1",
+         "--warmup", "0")
+    rows = {row["variant"]: row for row in _rows(dataset, "distributed")}
+    assert {v: r["params"]["ranks"] for v, r in rows.items()} == {"single": 1, "ddp": 2, "fsdp": 2}
+    assert rows["ddp"]["base_bytes"] == rows["single"]["base_bytes"]  # every rank keeps the whole base
+    assert rows["fsdp"]["base_bytes"] == pytest.approx(rows["single"]["base_bytes"] / 2, rel=0.05)  # half a rank
+    assert all(row["peak_bytes"] > 0 and len(row["seconds"]) == 1 for row in rows.values())
 
 
 @pytest.mark.full

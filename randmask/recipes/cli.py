@@ -249,6 +249,12 @@ def add_finetune(commands) -> None:
     g.add_argument("--checkpoint-every", type=int, metavar="N", help="also write the checkpoint every N training "
                    "steps (default: only at the end of each epoch); checkpoint-<method>.pt in --output-dir, written "
                    "atomically")
+    g.add_argument("--distributed", choices=["none", "ddp", "fsdp"], default="none",
+                   help="several processes, one per device, started by torchrun --nproc_per_node N -m randmask "
+                   "finetune ... (or accelerate launch -m randmask finetune ...): each step's batch is split across "
+                   "them. ddp: every rank keeps the model, the trainable values' gradients are averaged; fsdp "
+                   "(randmask only): FSDP2 shards the frozen base, the trained values stay whole on every rank. "
+                   "Rank 0 prints and writes (default none)")
     g.add_argument("--resume", action="store_true", help="continue a killed run from the checkpoints in "
                    "--output-dir (same options needed: a checkpoint from other settings is refused); the result is "
                    "bitwise that of an uninterrupted run")

@@ -48,13 +48,17 @@ from randmask.recipes.models import (
 )
 from randmask.recipes.train import (
     DEFAULT_RATIO,
+    DISTRIBUTED,
     METHODS,
+    World,
     auto_lr,
     check_checkpoint,
     checkpoint_path,
     evaluate,
     load_checkpoint,
     start_governor,
+    start_world,
+    stop_world,
     train_one,
 )
 
@@ -99,6 +103,7 @@ class Settings:
     progress: bool = True
     checkpoint_every: int | None = None
     resume: bool = False
+    distributed: str = "none"
 
 
 def _lr_value(value):
@@ -145,6 +150,11 @@ def check_settings(s: Settings) -> None:
         raise FinetuneError(f"--clip must be 0 (none) or positive, got {s.clip}")
     if s.output_dir is not None and os.path.exists(s.output_dir) and not os.path.isdir(s.output_dir):
         raise FinetuneError(f"--output-dir {s.output_dir} exists and is not a directory")
+    if s.distributed not in DISTRIBUTED:
+        raise FinetuneError(f"--distributed must be one of {', '.join(DISTRIBUTED)}, got {s.distributed!r}")
+    if s.distributed == "fsdp" and (set(s.methods) != {"randmask"} or QUANTIZE[s.quantize]):
+        raise FinetuneError("--distributed fsdp shards the frozen base of --method randmask on a plain (not "
+                            "--quantize) base; use --distributed ddp for lora and full")
     if s.data is None and (s.labels is not None or s.text_column != "text" or s.label_column != "label"):
         raise FinetuneError("--labels, --text-column and --label-column apply to --data FILE; the default tweet "
                             "data has its own columns and the labels negative,positive")
@@ -158,6 +168,8 @@ def resolve_settings(s: Settings) -> str:
     s.device = resolve_device(s.device)
     if s.threads is not None:
         torch.set_num_threads(s.threads)
+    elif s.distributed != "none" and s.device == "cpu":  # the ranks of one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     s.dtype, dtype_why = resolve_dtype(s.dtype, s.device, s.methods)
     return dtype_why
 
@@ -181,12 +193,16 @@ class Task:
     dtype_why: str
     governor: object
     base: dict
+    world: World
 
 
 def prepare_task(s: Settings, log=print) -> Task:
     """Everything run() does before its first evaluation: check and resolve the settings (in place), load and split
     the data, start the thread governor, find and load the model, and encode the three parts. Logs as run() does."""
     report.quiet_transformers()
+    world = start_world(s)  # before the settings resolve the device: a rank's GPU is its LOCAL_RANK
+    if not world.main:
+        log, s.progress = (lambda *args: None), False  # rank 0 alone prints
     dtype_why = resolve_settings(s)
     # Data first: a bad file fails in a second, before any model is loaded.
     template = D.Template(s.template, tuple(s.verbalizers))
@@ -225,7 +241,7 @@ def prepare_task(s: Settings, log=print) -> Task:
                                                       if set(opt_tokens) == {1} else ""))
     return Task(settings=s, dataset=dataset, template=template, data_seed=data_seed, train=train, dev=dev, test=test,
                 model_dir=model_dir, model=model, tokenizer=tokenizer, pad=pad, enc=enc, dtype_why=dtype_why,
-                governor=governor, base=base)
+                governor=governor, base=base, world=world)
 
 
 def run(s: Settings, log=print) -> dict:
@@ -236,6 +252,7 @@ def run(s: Settings, log=print) -> dict:
         return _run(s, log)
     finally:
         torch.set_num_threads(threads)
+        stop_world()
 
 
 def _run(s: Settings, log) -> dict:
@@ -248,6 +265,9 @@ def _run(s: Settings, log) -> dict:
                             f"{', '.join(os.path.basename(checkpoint_path(s.output_dir, m)) for m in s.methods)}); "
                             "run without --resume to start")
     task = prepare_task(s, log)
+    world = task.world
+    if not world.main:
+        log = lambda *args: None  # noqa: E731 (rank 0 alone prints and writes)
     model, task.model = task.model, None  # ours now: each later method frees it for a fresh base model
     pad, enc, governor = task.pad, task.enc, task.governor
     checkpoints = {}
@@ -275,7 +295,7 @@ def _run(s: Settings, log) -> dict:
             model, _ = load_model(task.model_dir, s.dtype, s.device, s.quantize)
         torch.manual_seed(s.seed)
         results.append(train_one(method, model, pad, enc["train"], enc["dev"], enc["test"], s, log, governor,
-                                 checkpoint=checkpoints.pop(method, None)))
+                                 checkpoint=checkpoints.pop(method, None), world=world))
         r = results[-1]
         log(f"[{method}] test accuracy {zero['accuracy']:.3f} (zero-shot) -> {r['test_accuracy']:.3f} "
             f"(fine-tuned, best epoch {r['best_epoch']}); {r['trainable']:,} trainable, adapter "
@@ -294,7 +314,10 @@ def _run(s: Settings, log) -> dict:
         "torch_threads": torch.get_num_threads(),
         "thread_changes": governor.changes,
         "seconds": time.perf_counter() - t_start, "python": sys.version.split()[0], "torch": torch.__version__,
+        "processes": world.size,
     }
+    if not world.main:
+        return metrics
     report.write_metrics(os.path.join(s.output_dir, "metrics.json"), metrics)
     report.plot_results(results, zero["accuracy"], os.path.join(s.output_dir, "loss_curve.png"), log)
     report.log_summary(results, zero, len(task.test), metrics, s.output_dir, log)

@@ -16,6 +16,7 @@
 
 `s` everywhere is a randmask.recipes.finetune.Settings.
 """
+import dataclasses
 import math
 import os
 import random
@@ -197,6 +198,65 @@ def evaluate(model, items, batch_size, pad_id, progress=False, desc="eval", gove
 
 
 # ---------------------------------------------------------------------------------------------------- methods
+DISTRIBUTED = ("none", "ddp", "fsdp")
+
+
+@dataclasses.dataclass
+class World:
+    """The processes of a --distributed run (torchrun or accelerate launch set RANK and WORLD_SIZE), or one."""
+    mode: str = "none"
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_world(s) -> World:
+    """Join the launcher's process group for --distributed ddp / fsdp (gloo on the CPU, nccl on GPUs)."""
+    if s.distributed not in DISTRIBUTED:
+        raise FinetuneError(f"--distributed must be one of {', '.join(DISTRIBUTED)}, got {s.distributed!r}")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if s.distributed == "none":
+        if launched > 1:
+            raise FinetuneError(f"this process is one of {launched} started by a launcher (torchrun, accelerate "
+                                "launch): add --distributed ddp or --distributed fsdp")
+        return World()
+    if "RANK" not in os.environ:
+        raise FinetuneError(f"--distributed {s.distributed} runs one process per device under a launcher: "
+                            "torchrun --nproc_per_node N -m randmask finetune ... (or accelerate launch -m ...)")
+    import torch.distributed as dist
+
+    if s.device.startswith("cuda") or (s.device == "auto" and torch.cuda.is_available()):
+        s.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(s.device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if s.device.startswith("cuda") else "gloo")
+    return World(s.distributed, dist.get_rank(), dist.get_world_size())
+
+
+def stop_world() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def distribute(model, method: str, params, world: World) -> None:
+    """Make the ranks train as one: fsdp shards the frozen base of a randmask model (the deltas replicated); ddp
+    keeps every rank's copy and averages the trainable values' gradients after each backward."""
+    if world.size == 1:
+        return
+    import randmask.distributed
+
+    if world.mode == "fsdp":
+        blocks = set(getattr(model, "_no_split_modules", None) or ())  # transformers' decoder-layer classes
+        randmask.distributed.fully_shard(model, [m for m in model.modules() if type(m).__name__ in blocks])
+    else:
+        randmask.distributed.average_gradients(params)
+
+
 def apply_method(model, method: str, s, log):
     """Apply the method; returns (model, trainable params, info dict). On a quantized base randmask runs additive
     (RandMaskConfig's mode "auto") and lora is QLoRA: PEFT picks its bitsandbytes LoRA layers."""
@@ -231,6 +291,25 @@ def apply_method(model, method: str, s, log):
     trainable = sum(p.numel() for p in params)
     info.update(trainable=trainable, total_params=total, trainable_ratio=trainable / total)
     return model, params, info
+
+
+def step_loss(model, items, pad, world: World):
+    """(the batch's mean option loss, what to backpropagate). Several ranks: this rank's share of the items, its
+    loss weighted so that the averaged gradients are the whole batch's; the mean loss all-reduced for the log. A
+    rank without an item of a small last batch still runs one (weighted 0): FSDP's collectives need every rank."""
+    if world.size == 1:
+        batch = D.collate(items, pad)
+        loss = D.option_loss(D.option_scores(model, batch), batch["labels"])
+        return loss, loss
+    import torch.distributed as dist
+
+    mine = items[world.rank::world.size]
+    batch = D.collate(mine or items[:1], pad)
+    share = len(mine) / len(items)
+    local = D.option_loss(D.option_scores(model, batch), batch["labels"])
+    mean = local.detach() * share
+    dist.all_reduce(mean)
+    return mean, local * (share * world.size)
 
 
 def make_optimizer(method, params, lr):
@@ -364,7 +443,8 @@ def _tuples(value):
 
 
 # ---------------------------------------------------------------------------------------------------- one method
-def train_one(method, model, tokenizer_pad, train, dev, test, s, log, governor=None, checkpoint=None) -> dict:
+def train_one(method, model, tokenizer_pad, train, dev, test, s, log, governor=None, checkpoint=None,
+              world: World | None = None) -> dict:
     """Train `method` on the encoded `train` items, keep the best epoch on `dev`, evaluate on `test` and save the
     trained values to s.output_dir; returns the method's record (the "methods" entries of metrics.json).
 
@@ -372,8 +452,12 @@ def train_one(method, model, tokenizer_pad, train, dev, test, s, log, governor=N
     batch order and position, the data and torch RNG states, the losses, the dev history and the best epoch's
     values) is written atomically after every epoch and, with s.checkpoint_every, every that many steps.
     `checkpoint` (a load_checkpoint result, checked by check_checkpoint) continues from it: the model must be as
-    the run had it before apply_method; the final values are bitwise those of an uninterrupted run."""
+    the run had it before apply_method; the final values are bitwise those of an uninterrupted run.
+
+    With `world` of several ranks, each step's batch is split across them (rank r takes every world.size-th example
+    from the r-th) and the gradients are those of the whole batch's mean loss; rank 0 alone writes files."""
     governor = governor or _NoGovernor()
+    world = world or World()
     start = time.perf_counter()
     report.reset_peak_rss()  # this method's peak, not an earlier one's
     model, params, info = apply_method(model, method, s, log)
@@ -386,6 +470,7 @@ def train_one(method, model, tokenizer_pad, train, dev, test, s, log, governor=N
         log(f"[{method}] learning rate {lr:g} (given)")
     log(f"[{method}] trainable {info['trainable']:,} of {info['total_params']:,} parameters "
         f"({100 * info['trainable_ratio']:.4f}%)")
+    distribute(model, method, params, world)
     opt = make_optimizer(method, params, lr)
     rng = random.Random(s.seed)
     losses, dev_hist, best, snap = [], [], None, None
@@ -414,7 +499,7 @@ def train_one(method, model, tokenizer_pad, train, dev, test, s, log, governor=N
             + (f", step {pos} of {len(batches)}" if batches else "") + ")")
 
     def save(epoch_done, elapsed):
-        if ck_path is None:
+        if ck_path is None or not world.main:  # every rank holds the same trainable values and optimizer state
             return
         save_checkpoint(ck_path, {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "settings": checkpoint_settings(s, method),
@@ -433,13 +518,12 @@ def train_one(method, model, tokenizer_pad, train, dev, test, s, log, governor=N
                               total=len(batches), initial=pos)
         for idx in bar:
             governor.tick()
-            batch = D.collate([train[i] for i in idx], tokenizer_pad)
-            loss = D.option_loss(D.option_scores(model, batch), batch["labels"])
+            loss, objective = step_loss(model, [train[i] for i in idx], tokenizer_pad, world)
             if not torch.isfinite(loss):
                 raise FinetuneError(f"[{method}] the loss became {float(loss)} at step {len(losses) + 1}: "
                                     f"lower the learning rate (now {lr:g})")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             if s.clip and s.clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, s.clip)
             opt.step()
@@ -468,7 +552,7 @@ def train_one(method, model, tokenizer_pad, train, dev, test, s, log, governor=N
         log(f"[{method}] restored the best epoch ({best[0]}, dev accuracy {best[1]:.3f})")
     snap = None  # free the best epoch's copy
     ev_test = evaluate(model, test, s.eval_batch_size, tokenizer_pad, s.progress, f"[{method}] test", governor)
-    adapter, size = save_trained(model, method, s.output_dir)
+    adapter, size = save_trained(model, method, s.output_dir) if world.main else (s.output_dir, 0)
     result = {"method": method, **info, "lr": lr, "lr_rule": rule, "epochs": s.epochs, "steps": len(losses),
               "best_epoch": best[0], "best_dev_accuracy": best[1], "test_accuracy": ev_test["accuracy"],
               "test_loss": ev_test["loss"], "history": dev_hist, "train_loss": losses,

@@ -1,7 +1,7 @@
 """The recipes sit beside the library: `import randmask` does not load them, and they reach the library only through
-its top-level public names (`import randmask`, `from randmask import X`, and `import randmask.peft`, the opt-in PEFT
-module; never another submodule or a name with a leading underscore), so the library can reorganise its internals
-without breaking the application."""
+its top-level public names (`import randmask`, `from randmask import X`, and the opt-in public modules
+`randmask.peft` and `randmask.distributed`; never another submodule or a name with a leading underscore), so the
+library can reorganise its internals without breaking the application."""
 import ast
 import pathlib
 import subprocess
@@ -12,10 +12,13 @@ RECIPES = pathlib.Path(__file__).resolve().parents[2] / "randmask" / "recipes"
 
 def test_the_library_does_not_import_the_recipes_nor_peft():
     code = ("import randmask, sys; print(sorted(m for m in sys.modules if m.startswith('randmask.recipes') "
-            "or m.split('.')[0] in ('peft', 'trl') or m == 'randmask.peft'))")
+            "or m.split('.')[0] in ('peft', 'trl') or m in ('randmask.peft', 'randmask.distributed')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+OPT_IN = ("randmask.peft", "randmask.distributed")  # public modules that import randmask does not load
 
 
 def _core(module: str) -> bool:
@@ -33,7 +36,7 @@ def test_the_recipes_use_only_the_public_names_of_the_library():
                     bad.append(f"{where}: from {node.module} import {', '.join(a.name for a in node.names)}")
             elif isinstance(node, ast.Import):
                 bad += [f"{where}: import {a.name}" for a in node.names
-                        if _core(a.name) and a.name not in ("randmask", "randmask.peft")]
+                        if _core(a.name) and a.name not in ("randmask", *OPT_IN)]
             elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
                     node.value.id == "randmask" and node.attr.startswith("_"):
                 bad.append(f"{where}: randmask.{node.attr}")
