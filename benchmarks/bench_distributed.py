@@ -14,10 +14,12 @@ bytes a rank holds after sharding. Appends a row per configuration to the result
 import argparse
 import json
 import os
+import pathlib
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -70,24 +72,27 @@ def worker(args) -> None:
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print("RESULT " + json.dumps({"rank": rank, "steps_s": times, "peak_bytes": peak, "base_bytes": held}),
-          flush=True)
+    with open(os.path.join(args.result_dir, f"rank{rank}.json"), "w") as f:  # ranks share torchrun's stdout
+        json.dump({"rank": rank, "steps_s": times, "peak_bytes": peak, "base_bytes": held}, f)
     if args.mode != "single":
-        torch.distributed.destroy_process_group()
+        del model, opt  # the FSDP state that holds the process group, freed before it is destroyed
+        randmask.distributed.stop()
 
 
 def launch(args, ranks: int, mode: str) -> list[dict]:
     """Run one configuration; the JSON line of every rank."""
     here = os.path.abspath(__file__)
-    common = ["--worker", "--mode", mode, "--shape", args.shape, "--dtype", args.dtype, "--device", args.device,
-              "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-              "--warmup", str(args.warmup)]
-    command = [sys.executable, here, *common] if mode == "single" else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", here, *common]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if done.returncode:
-        raise SystemExit(f"{mode} on {ranks} ranks failed:\n{done.stderr[-3000:]}")
-    return [json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    with tempfile.TemporaryDirectory() as result_dir:
+        common = ["--worker", "--mode", mode, "--shape", args.shape, "--dtype", args.dtype, "--device", args.device,
+                  "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+                  "--warmup", str(args.warmup), "--result-dir", result_dir]
+        command = [sys.executable, here, *common] if mode == "single" else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", here,
+             *common]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode:
+            raise SystemExit(f"{mode} on {ranks} ranks failed:\n{done.stderr[-12000:]}")
+        return [json.loads(path.read_text()) for path in sorted(pathlib.Path(result_dir).glob("rank*.json"))]
 
 
 def main():
@@ -106,6 +111,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="single", help=argparse.SUPPRESS)
+    parser.add_argument("--result-dir", help=argparse.SUPPRESS)
     parser.add_argument("--quantize", default="none", help=argparse.SUPPRESS)  # build_model reads it
     add_results_argument(parser)
     args = parser.parse_args()

@@ -8,6 +8,7 @@ same (seed, name) mask on every rank: no communication for the mask, and no rank
 additive mode nothing is written. save_adapter needs only the deltas, which every rank has: rank 0 writes the file.
 """
 import functools
+import gc
 
 import torch.distributed as dist
 import torch.nn as nn
@@ -16,7 +17,7 @@ from torch.distributed.fsdp import fully_shard as _fsdp_fully_shard
 from randmask.model import masked_layers
 
 __all__ = ["average_gradients", "delta_parameters", "fully_shard", "load_checkpoint", "replicate_deltas",
-           "save_checkpoint"]
+           "save_checkpoint", "stop"]
 
 
 def delta_parameters(model: nn.Module) -> set:
@@ -90,3 +91,13 @@ def load_checkpoint(model: nn.Module, optimizer, directory) -> None:
                    options=StateDictOptions(strict=False))
     for _, layer in masked_layers(model):
         layer.sync()
+
+
+def stop() -> None:
+    """End the process group cleanly, after the last reference to a sharded model is gone: collect what still holds
+    the group (left to the interpreter's exit, gloo's threads can outlive it and abort the process), wait for every
+    rank, destroy it."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()

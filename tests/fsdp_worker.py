@@ -79,8 +79,8 @@ def main(out, targets, mode, optimizer, steps, mixed, resume_after):
         torch.save({"logits": logits, "deltas": {n: layer.delta.detach().clone()
                                                  for n, layer in randmask.masked_layers(model)}},
                    os.path.join(out, "result.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    del model, opt
+    randmask.distributed.stop()
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ def _run(script, dataset, *args, timeout=600):
     env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent), harness.ENV_DATASET: str(dataset)}
     done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--results", str(dataset)],
                           capture_output=True, text=True, env=env, timeout=timeout)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-12000:]
     return done.stdout
 
 

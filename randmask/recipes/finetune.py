@@ -249,10 +249,11 @@ def run(s: Settings, log=print) -> dict:
     (which --threads and the thread governor change) is restored afterwards, so a second run starts as the first."""
     threads = torch.get_num_threads()
     try:
-        return _run(s, log)
+        metrics = _run(s, log)
     finally:
         torch.set_num_threads(threads)
-        stop_world()
+    stop_world()  # after a success only: a failed rank exits at once (the launcher stops the others)
+    return metrics
 
 
 def _run(s: Settings, log) -> dict:

@@ -240,7 +240,9 @@ def stop_world() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        import randmask.distributed
+
+        randmask.distributed.stop()
 
 
 def distribute(model, method: str, params, world: World) -> None:
