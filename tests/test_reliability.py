@@ -393,6 +393,24 @@ def test_an_interrupted_load_gives_back_the_very_modules(adapter_file, monkeypat
     assert dict(model.named_modules()) == modules and all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_have_the_mode_open_gives(tmp_path, umask):
+    # readable by the group, as other tools write them (a temporary file is created 0600), and the umask respected
+    from randmask.peft import convert  # it writes a PEFT directory the same way
+
+    model = randmask.apply(tiny_llama(), CONFIG)
+    previous = os.umask(umask)
+    try:
+        randmask.save_adapter(model, tmp_path / "adapter.safetensors")
+        convert(tmp_path / "adapter.safetensors", tmp_path / "peft")
+    finally:
+        os.umask(previous)
+    want = 0o644 if umask == 0o022 else 0o600
+    for path in (tmp_path / "adapter.safetensors", tmp_path / "peft" / "adapter_model.safetensors",
+                 tmp_path / "peft" / "adapter_config.json"):
+        assert path.stat().st_mode & 0o777 == want, path
+
+
 def test_concurrent_saves_leave_one_whole_file(tmp_path):
     models = []
     for seed in range(4):
