@@ -56,6 +56,7 @@ from randmask.recipes.train import (
     checkpoint_path,
     evaluate,
     load_checkpoint,
+    majority_baseline,
     start_governor,
     start_world,
     stop_world,
@@ -244,6 +245,11 @@ def prepare_task(s: Settings, log=print) -> Task:
                 governor=governor, base=base, world=world)
 
 
+def per_class_names(per_class: dict, classes) -> dict:
+    """{class name: accuracy on the test examples of that class} (an inverted verbalizer mapping shows as ~0 / ~1)."""
+    return {classes[label]: accuracy for label, accuracy in per_class.items()}
+
+
 def run(s: Settings, log=print) -> dict:
     """The whole job; returns the metrics dict it also writes to <output_dir>/metrics.json. torch's thread count
     (which --threads and the thread governor change) is restored afterwards, so a second run starts as the first."""
@@ -287,7 +293,10 @@ def _run(s: Settings, log) -> dict:
     t0 = time.perf_counter()
     zero = evaluate(model, enc["test"], s.eval_batch_size, pad, s.progress, "zero-shot test", governor)
     zero_seconds = time.perf_counter() - t0
-    log(f"zero-shot test accuracy {zero['accuracy']:.3f} ({zero['n']} examples, {zero_seconds:.0f} s)")
+    majority = majority_baseline(task.train, task.test)
+    majority["class"] = task.dataset.classes[majority["label"]]
+    log(f"zero-shot test accuracy {zero['accuracy']:.3f} ({zero['n']} examples, {zero_seconds:.0f} s); always "
+        f"answering the majority class {majority['class']!r}: {majority['test_accuracy']:.3f}")
 
     results, peak_before = [], report.peak_rss_mib()  # loading and zero-shot evaluation
     for i, method in enumerate(s.methods):
@@ -308,9 +317,12 @@ def _run(s: Settings, log) -> dict:
         "model": task.model_dir, "base": task.base, "dataset": task.dataset.name,
         "classes": list(task.dataset.classes),
         "split": {"seed": task.data_seed, "train": len(task.train), "dev": len(task.dev), "test": len(task.test)},
-        "zero_shot": {"test_accuracy": zero["accuracy"], "test_loss": zero["loss"], "seconds": zero_seconds},
+        "zero_shot": {"test_accuracy": zero["accuracy"], "test_loss": zero["loss"], "seconds": zero_seconds,
+                      "test_per_class": per_class_names(zero["per_class"], task.dataset.classes)},
+        "majority": {"class": majority["class"], "test_accuracy": majority["test_accuracy"]},
         "zero_shot_test_accuracy": zero["accuracy"],
-        "methods": {r["method"]: r for r in results},
+        "methods": {r["method"]: {**r, "test_per_class": per_class_names(r["test_per_class"], task.dataset.classes)}
+                    for r in results},
         "peak_rss_mib": max([peak_before] + [r["peak_rss_mib"] for r in results]),
         "torch_threads": torch.get_num_threads(),
         "thread_changes": governor.changes,
@@ -320,6 +332,7 @@ def _run(s: Settings, log) -> dict:
     if not world.main:
         return metrics
     report.write_metrics(os.path.join(s.output_dir, "metrics.json"), metrics)
-    report.plot_results(results, zero["accuracy"], os.path.join(s.output_dir, "loss_curve.png"), log)
+    report.plot_results(results, zero["accuracy"], os.path.join(s.output_dir, "loss_curve.png"), log,
+                        majority=majority["test_accuracy"])
     report.log_summary(results, zero, len(task.test), metrics, s.output_dir, log)
     return metrics

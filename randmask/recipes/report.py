@@ -71,7 +71,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def plot_results(results, zero_shot, path, log) -> None:
+def plot_results(results, zero_shot, path, log, majority=None) -> None:
     """loss_curve.png: each method's training loss (raw and smoothed) and its dev accuracy after every epoch."""
     try:
         import matplotlib
@@ -96,6 +96,8 @@ def plot_results(results, zero_shot, path, log) -> None:
                      color=line.get_color(), label=f"{r['method']} dev (test {r['test_accuracy']:.3f} at best "
                      f"epoch {r['best_epoch']})")
     ax2.axhline(zero_shot, color="gray", linestyle="--", label=f"zero-shot (test {zero_shot:.3f})")
+    if majority is not None:
+        ax2.axhline(majority, color="black", linestyle=":", label=f"majority class (test {majority:.3f})")
     ax2.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (option cross-entropy)")
@@ -118,10 +120,11 @@ def write_metrics(path, metrics: dict) -> None:
 def log_summary(results, zero, n_test: int, metrics: dict, output_dir: str, log) -> None:
     """The closing table: one row per method, then the test-set size, wall time, peak memory and where it all went."""
     log("")
-    log(f"{'method':<10} {'trainable':>12} {'lr':>8} {'zero-shot':>10} {'fine-tuned':>11} {'adapter':>11} "
-        f"{'train s':>8}")
+    log(f"{'method':<10} {'trainable':>12} {'lr':>8} {'majority':>9} {'zero-shot':>10} {'fine-tuned':>11} "
+        f"{'adapter':>11} {'train s':>8}")
+    majority = metrics["majority"]["test_accuracy"]
     for r in results:
-        log(f"{r['method']:<10} {r['trainable']:>12,} {r['lr']:>8.2g} {zero['accuracy']:>10.3f} "
+        log(f"{r['method']:<10} {r['trainable']:>12,} {r['lr']:>8.2g} {majority:>9.3f} {zero['accuracy']:>10.3f} "
             f"{r['test_accuracy']:>11.3f} {r['adapter_bytes'] / 1024:>8.1f} KiB {r['train_seconds']:>8.0f}")
     log(f"test set: {n_test} examples; wall time {metrics['seconds']:.0f} s; peak memory (RSS) "
         f"{metrics['peak_rss_mib']:.0f} MiB; wrote metrics.json, loss_curve.png and the adapter to {output_dir}")

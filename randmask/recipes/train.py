@@ -16,6 +16,7 @@
 
 `s` everywhere is a randmask.recipes.finetune.Settings.
 """
+import collections
 import dataclasses
 import math
 import os
@@ -183,7 +184,7 @@ def evaluate(model, items, batch_size, pad_id, progress=False, desc="eval", gove
     was_training = model.training
     model.eval()
     order = sorted(range(len(items)), key=lambda i: len(items[i]["prompt"]))
-    correct, loss_sum = 0, 0.0
+    correct, loss_sum, per_class = 0, 0.0, {}
     batches = list(_batches([items[i] for i in order], batch_size))
     for chunk in report.progress(batches, progress, desc=desc, unit="batch", leave=False):
         if governor is not None:
@@ -191,10 +192,24 @@ def evaluate(model, items, batch_size, pad_id, progress=False, desc="eval", gove
         batch = D.collate(chunk, pad_id)
         scores = D.option_scores(model, batch)
         labels = batch["labels"].to(scores.device)
-        correct += int((scores.argmax(1) == labels).sum())
+        hits = scores.argmax(1) == labels
+        correct += int(hits.sum())
         loss_sum += float(D.option_loss(scores, labels)) * len(chunk)
+        for label, hit in zip(labels.tolist(), hits.tolist()):
+            counts = per_class.setdefault(label, [0, 0])
+            counts[0] += hit
+            counts[1] += 1
     model.train(was_training)
-    return {"accuracy": correct / max(len(items), 1), "loss": loss_sum / max(len(items), 1), "n": len(items)}
+    return {"accuracy": correct / max(len(items), 1), "loss": loss_sum / max(len(items), 1), "n": len(items),
+            "per_class": {label: c / n for label, (c, n) in sorted(per_class.items())}}
+
+
+def majority_baseline(train, test) -> dict:
+    """Always answering the class most frequent in `train` (ties: the first class): its accuracy on `test`, the
+    bar a fine-tuned (or zero-shot) model must clear on an unbalanced set."""
+    counts = collections.Counter(e.label for e in train)
+    label = max(sorted(counts), key=lambda c: counts[c]) if counts else 0
+    return {"label": label, "test_accuracy": sum(e.label == label for e in test) / max(len(test), 1)}
 
 
 # ---------------------------------------------------------------------------------------------------- methods
@@ -557,6 +572,7 @@ def train_one(method, model, tokenizer_pad, train, dev, test, s, log, governor=N
     adapter, size = save_trained(model, method, s.output_dir) if world.main else (s.output_dir, 0)
     result = {"method": method, **info, "lr": lr, "lr_rule": rule, "epochs": s.epochs, "steps": len(losses),
               "best_epoch": best[0], "best_dev_accuracy": best[1], "test_accuracy": ev_test["accuracy"],
+              "test_per_class": ev_test["per_class"],
               "test_loss": ev_test["loss"], "history": dev_hist, "train_loss": losses,
               "train_seconds": train_time, "seconds": time.perf_counter() - start,
               "seconds_per_step": train_time / max(len(losses), 1), "adapter": os.path.relpath(adapter,

@@ -160,3 +160,25 @@ def test_run_restores_torch_threads(tmp_path, model_dir, csv_file):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_majority_baseline_and_per_class_accuracy_on_an_unbalanced_set(tmp_path, model_dir, csv_file):
+    # keep one positive row in three: about 3 negatives to 1 positive
+    lines = csv_file.read_text().splitlines()
+    rows = [line for i, line in enumerate(lines[1:]) if not line.endswith("positive") or i % 6 == 1]
+    unbalanced = tmp_path / "unbalanced.csv"
+    unbalanced.write_text("\n".join([lines[0], *rows]) + "\n")
+    s = F.Settings(model=str(model_dir), data=str(unbalanced), split=(30, 10, 30), epochs=1, batch_size=8,
+                   methods=("randmask",), density=0.25, lr=1e-2, dtype="float32", threads=1, progress=False,
+                   output_dir=str(tmp_path / "out"))
+    metrics = F.run(s, log=lambda *a: None)
+    task = F.prepare_task(F.Settings(**{**vars(s), "output_dir": None}), log=lambda *a: None)
+    train_negatives = sum(e.label == 0 for e in task.train)
+    assert train_negatives > len(task.train) / 2  # the split really is unbalanced
+    test_negatives = sum(e.label == 0 for e in task.test)
+    assert metrics["majority"] == {"class": "negative", "test_accuracy": test_negatives / len(task.test)}
+    for record in (metrics["zero_shot"], metrics["methods"]["randmask"]):
+        per_class = record["test_per_class"]
+        assert set(per_class) == {"negative", "positive"}
+        weighted = (per_class["negative"] * test_negatives + per_class["positive"] * (len(task.test) - test_negatives))
+        assert weighted / len(task.test) == pytest.approx(record["test_accuracy"])
