@@ -45,6 +45,8 @@ from randmask.recipes.models import (
     load_model,
     resolve_device,
     resolve_dtype,
+    shareable_name,
+    shareable_path,
 )
 from randmask.recipes.train import (
     DEFAULT_RATIO,
@@ -245,6 +247,9 @@ def prepare_task(s: Settings, log=print) -> Task:
                 governor=governor, base=base, world=world)
 
 
+PATH_SETTINGS = ("model", "data", "output_dir")  # recorded in metrics.json without their absolute local part
+
+
 def per_class_names(per_class: dict, classes) -> dict:
     """{class name: accuracy on the test examples of that class} (an inverted verbalizer mapping shows as ~0 / ~1)."""
     return {classes[label]: accuracy for label, accuracy in per_class.items()}
@@ -313,8 +318,9 @@ def _run(s: Settings, log) -> dict:
             f"{r['train_seconds']:.0f} s training")
 
     metrics = {
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()},
-        "model": task.model_dir, "base": task.base, "dataset": task.dataset.name,
+        "settings": {k: (list(v) if isinstance(v, tuple) else shareable_path(v) if k in PATH_SETTINGS else v)
+                     for k, v in dataclasses.asdict(s).items()},
+        "model": shareable_name(task.model_dir), "base": task.base, "dataset": task.dataset.name,
         "classes": list(task.dataset.classes),
         "split": {"seed": task.data_seed, "train": len(task.train), "dev": len(task.dev), "test": len(task.test)},
         "zero_shot": {"test_accuracy": zero["accuracy"], "test_loss": zero["loss"], "seconds": zero_seconds,

