@@ -245,6 +245,8 @@ def add_finetune(commands) -> None:
     g.add_argument("--output-dir", metavar="DIR", help="where metrics.json, loss_curve.png and the adapter go "
                    "(default runs/finetune-<data>-<method>-seed<seed>)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument("--verbose", action="store_true", help="also log every change of the CPU thread count (the "
+                   "governor lowers it while other processes keep cores busy)")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint-every", type=int, metavar="N", help="also write the checkpoint every N training "
                    "steps (default: only at the end of each epoch); checkpoint-<method>.pt in --output-dir, written "

@@ -107,6 +107,7 @@ class Settings:
     checkpoint_every: int | None = None
     resume: bool = False
     distributed: str = "none"
+    verbose: bool = False
 
 
 def _lr_value(value):

@@ -143,14 +143,16 @@ class _NoGovernor:
 
 def start_governor(s, log):
     """The governor run() uses: a started ThreadGovernor on the CPU without --threads, else one that does nothing;
-    logs the thread count it starts with."""
+    logs the thread count it starts with (and the count it was lowered from, if it was); its later changes are
+    logged only with --verbose (metrics.json counts them either way)."""
     governor = _NoGovernor()
     if not s.threads and s.device == "cpu":
-        governor = ThreadGovernor(report.bar_safe(log) if s.progress else log)
+        quiet = report.bar_safe(log) if s.progress else log
+        governor = ThreadGovernor(quiet if s.verbose else (lambda *args: None))  # its changes: --verbose only
         governor.start()
-    log(f"threads: {torch.get_num_threads()}" + (" (lowered while other processes keep cores busy)"
-                                                 if isinstance(governor, ThreadGovernor) and governor.enabled
-                                                 else ""))
+    lowered = isinstance(governor, ThreadGovernor) and torch.get_num_threads() < governor.max
+    log(f"threads: {torch.get_num_threads()}" + (f" (of {governor.max}: other processes keep cores busy)"
+                                                 if lowered else ""))
     return governor
 
 
@@ -366,7 +368,7 @@ def save_trained(model, method, out_dir) -> tuple[str, int]:
 CHECKPOINT_FORMAT = "randmask-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
 # Settings that do not change what is trained: a run may be resumed with other values of these.
-CHECKPOINT_FREE = ("output_dir", "progress", "threads", "resume", "checkpoint_every", "methods")
+CHECKPOINT_FREE = ("output_dir", "progress", "threads", "resume", "checkpoint_every", "methods", "verbose")
 
 
 def checkpoint_path(out_dir, method) -> str:

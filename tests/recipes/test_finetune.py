@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -157,6 +158,25 @@ def test_thread_governor_yields_cores_to_other_processes(monkeypatch):
     assert threads["n"] == 2 and gov.changes == 2
     gov.tick()  # within `interval` of the last check: not even sampled (a sample here would raise StopIteration)
     assert threads["n"] == 2 and gov.changes == 2
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_thread_changes_are_logged_with_verbose_only(monkeypatch, verbose):
+    threads = {"n": 2}
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads["n"])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.__setitem__("n", n))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    samples = iter([(0.0, 0, 0, 0.0), (10.0, 2000, 0, 10.0),  # another process holds a core: lowered to 1
+                    (20.0, 4000, 1000, 15.0)])                 # it is gone: back to 2
+    monkeypatch.setattr(T.ThreadGovernor, "_proc_stat", staticmethod(lambda: next(samples)))
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    lines = []
+    settings = F.Settings(device="cpu", progress=False, verbose=verbose)
+    governor = T.start_governor(settings, lines.append)
+    assert lines[-1] == "threads: 1 (of 2: other processes keep cores busy)"  # the start: lowered, and said so
+    governor.tick(force=True)
+    assert threads["n"] == 2 and governor.changes == 2
+    assert len([line for line in lines if "->" in line]) == (2 if verbose else 0)
 
 
 def test_lr_rule():
