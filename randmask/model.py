@@ -86,9 +86,7 @@ class RandMaskConfig:
 
     def __eq__(self, other):
         # by the randmask fields, so that a config equals its PEFT twin (whose own __eq__ defers here for a plain one)
-        if not isinstance(other, RandMaskConfig):
-            return NotImplemented
-        return RandMaskConfig.to_dict(self) == RandMaskConfig.to_dict(other)
+        return self.same_masks(other) if isinstance(other, RandMaskConfig) else NotImplemented
 
     __hash__ = None  # mutable, as PeftConfig
 

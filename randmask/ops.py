@@ -30,6 +30,7 @@ kernels' own signatures), so adding a backend or an op is one entry here.
 import contextlib
 import dataclasses
 import os
+import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -395,8 +396,6 @@ def gather_weight(weight: torch.Tensor, mask) -> torch.Tensor:
 def row_shard(weight: torch.Tensor):
     """(local rows, index of the first) of a weight that FSDP2 shards by rows (a DTensor placed Shard(0) on a 1-D
     mesh; torch.chunk's split: ceil(out / ranks) rows a rank), or None for a plain tensor."""
-    import sys
-
     if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist yet
         return None
     from torch.distributed.tensor import DTensor, Shard
