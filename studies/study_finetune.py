@@ -644,7 +644,8 @@ def main(argv=None) -> None:
             "model": ctx.model_dir, "model_name": "SmolLM2-135M-Instruct", "dataset": ctx.dataset.name,
             "sizes": sizes(ctx), "split": list(s.split), "max_train": s.max_train, "epochs": s.epochs,
             "batch_size": s.batch_size, "max_length": s.max_length, "seed": s.seed, "template": s.template,
-            "verbalizers": list(s.verbalizers), "machine": machine_name(s.device), "torch": torch.__version__,
+            "verbalizers": list(ctx.template.verbalizers), "machine": machine_name(s.device),
+            "torch": torch.__version__,
             "how": "randmask.recipes.train.train_one per run, the task prepared once by "
                    "randmask.recipes.finetune.prepare_task, as randmask.recipes.finetune.run prepares it",
             "majority": majority_shares(s.split, s.max_train, s.seed)}

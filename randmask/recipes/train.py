@@ -3,7 +3,8 @@
     auto_lr(method, ratio)        the learning rate when --lr is auto, and its rule in words
     ThreadGovernor, start_governor  CPU threads lowered while other processes keep cores busy
     train_batches(...)            one epoch's shuffled index batches, optionally grouped by prompt length
-    evaluate(model, items, ...)   accuracy and mean option loss on encoded items
+    batch_loss, evaluate          a batch's loss and a held-out evaluation, for classification items (option
+                                  cross-entropy, accuracy) and sft items (completion tokens' loss, exact match)
     apply_method(model, method)   randmask (RandMaskConfig on the targets), lora (PEFT) or full; the trainable params
     make_optimizer(method, ...)   AdamW (betas 0.9, 0.999, eps 1e-8, weight decay 0); MaskedAdamW for randmask
     snapshot / restore_snapshot   the best epoch's trainable values, kept and written back
@@ -11,7 +12,8 @@
     checkpoint_path, save_checkpoint, load_checkpoint, check_checkpoint
                                   the resumable state of one method's training (written atomically)
     train_one(method, model, ...) all of it for one method: constant LR, no warmup, gradient clipping, dev accuracy
-                                  after every epoch, the best epoch restored, the test accuracy, the saved values;
+                                  (sft: dev loss) after every epoch, the best epoch restored, the test evaluation,
+                                  the saved values;
                                   a checkpoint after every epoch (and every --checkpoint-every steps), resumable
 
 `s` everywhere is a randmask.recipes.finetune.Settings.
@@ -30,10 +32,12 @@ import torch
 import randmask
 from randmask.recipes import FinetuneError, report
 from randmask.recipes import data as D
+from randmask.recipes import sft as S
 
-__all__ = ["METHODS", "DEFAULT_RATIO", "auto_lr", "ThreadGovernor", "start_governor", "train_batches", "evaluate",
-           "apply_method", "make_optimizer", "snapshot", "restore_snapshot", "save_trained", "checkpoint_path",
-           "checkpoint_settings", "save_checkpoint", "load_checkpoint", "check_checkpoint", "train_one"]
+__all__ = ["METHODS", "DEFAULT_RATIO", "auto_lr", "ThreadGovernor", "start_governor", "train_batches", "is_sft",
+           "batch_loss", "loss_weight", "evaluate", "describe", "better", "apply_method", "make_optimizer",
+           "snapshot", "restore_snapshot", "save_trained", "checkpoint_path", "plain_value", "checkpoint_settings",
+           "save_checkpoint", "load_checkpoint", "check_checkpoint", "train_one"]
 
 PEFT_PIP = "pip install peft"
 METHODS = ("randmask", "lora", "full")
@@ -179,18 +183,49 @@ def _batches(items, size):
         yield items[i:i + size]
 
 
+def is_sft(items) -> bool:
+    """Encoded prompt -> completion items (--task sft), not classification items."""
+    return bool(items) and "completion" in items[0]
+
+
+def batch_loss(model, items, pad_id) -> torch.Tensor:
+    """A batch's mean loss: the option cross-entropy over its items, or (sft) the negative log-likelihood over its
+    completion tokens."""
+    if is_sft(items):
+        return S.completion_loss(model, S.collate_pairs(items, pad_id))
+    batch = D.collate(items, pad_id)
+    return D.option_loss(D.option_scores(model, batch), batch["labels"])
+
+
+def loss_weight(items) -> int:
+    """What batch_loss averages over: the items, or (sft) their completion tokens."""
+    return sum(len(it["completion"]) for it in items) if is_sft(items) else len(items)
+
+
 @torch.no_grad()
 def evaluate(model, items, batch_size, pad_id, progress=False, desc="eval", governor=None) -> dict:
-    """Accuracy and mean loss on encoded items. Items are batched by length (fewer pad tokens); the result does not
-    depend on the order."""
+    """Classification: accuracy, mean option loss and accuracy per class. sft: the mean loss over all completion
+    tokens, its perplexity and the exact-match share (None unless every completion is a short answer, at most
+    sft.SHORT_ANSWER tokens). Items are batched by length (fewer pad tokens); the result does not depend on the
+    order."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(items)), key=lambda i: len(items[i]["prompt"]))
-    correct, loss_sum, per_class = 0, 0.0, {}
+    sft = is_sft(items)
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["prompt"]) + len(items[i].get("completion", ())))
+    correct, loss_sum, tokens, per_class = 0, 0.0, 0, {}
     batches = list(_batches([items[i] for i in order], batch_size))
     for chunk in report.progress(batches, progress, desc=desc, unit="batch", leave=False):
         if governor is not None:
             governor.tick()
+        if sft:
+            batch = S.collate_pairs(chunk, pad_id)
+            logp, hit = S.completion_logprobs(model, batch)
+            loss_sum -= float(logp.sum())
+            tokens += logp.numel()
+            misses = torch.zeros(len(chunk), device=hit.device).index_add(0, batch["score_item"].to(hit.device),
+                                                                          (~hit).float())
+            correct += int((misses == 0).sum())
+            continue
         batch = D.collate(chunk, pad_id)
         scores = D.option_scores(model, batch)
         labels = batch["labels"].to(scores.device)
@@ -202,8 +237,33 @@ def evaluate(model, items, batch_size, pad_id, progress=False, desc="eval", gove
             counts[0] += hit
             counts[1] += 1
     model.train(was_training)
-    return {"accuracy": correct / max(len(items), 1), "loss": loss_sum / max(len(items), 1), "n": len(items),
-            "per_class": {label: c / n for label, (c, n) in sorted(per_class.items())}}
+    n = max(len(items), 1)
+    if sft:
+        loss = loss_sum / max(tokens, 1)
+        short = all(len(it["completion"]) <= S.SHORT_ANSWER for it in items)
+        return {"loss": loss, "perplexity": S.perplexity(loss), "exact_match": correct / n if short else None,
+                "n": len(items), "tokens": tokens}
+    return {"accuracy": correct / n, "loss": loss_sum / n, "n": len(items),
+            "per_class": {label: c / k for label, (c, k) in sorted(per_class.items())}}
+
+
+def describe(ev, part="dev") -> str:
+    """An evaluate() result in words: 'dev accuracy 0.850 (loss 0.4123)' or, for sft, 'dev loss 2.3100
+    (perplexity 10.07, exact match 0.450)'."""
+    if "accuracy" in ev:
+        return f"{part} accuracy {ev['accuracy']:.3f} (loss {ev['loss']:.4f})"
+    exact = f", exact match {ev['exact_match']:.3f}" if ev["exact_match"] is not None else ""
+    return f"{part} loss {ev['loss']:.4f} (perplexity {ev['perplexity']:.2f}{exact})"
+
+
+def better(ev, best) -> bool:
+    """Whether a dev result beats the best so far, (epoch, accuracy, loss): higher accuracy, then lower loss; sft
+    (no accuracy): lower loss."""
+    if ev is None or best is None:
+        return True
+    if ev.get("accuracy") is None:
+        return ev["loss"] < best[2]
+    return ev["accuracy"] > best[1] or (ev["accuracy"] == best[1] and ev["loss"] < best[2])
 
 
 def majority_baseline(train, test) -> dict:
@@ -313,19 +373,18 @@ def apply_method(model, method: str, s, log):
 
 
 def step_loss(model, items, pad, world: World):
-    """(the batch's mean option loss, what to backpropagate). Several ranks: this rank's share of the items, its
-    loss weighted so that the averaged gradients are the whole batch's; the mean loss all-reduced for the log. A
-    rank without an item of a small last batch still runs one (weighted 0): FSDP's collectives need every rank."""
+    """(the batch's mean loss, what to backpropagate). Several ranks: this rank's share of the items, its loss
+    weighted by its share of what the mean runs over (items, or sft completion tokens) so that the averaged
+    gradients are the whole batch's; the mean loss all-reduced for the log. A rank without an item of a small last
+    batch still runs one (weighted 0): FSDP's collectives need every rank."""
     if world.size == 1:
-        batch = D.collate(items, pad)
-        loss = D.option_loss(D.option_scores(model, batch), batch["labels"])
+        loss = batch_loss(model, items, pad)
         return loss, loss
     import torch.distributed as dist
 
     mine = items[world.rank::world.size]
-    batch = D.collate(mine or items[:1], pad)
-    share = len(mine) / len(items)
-    local = D.option_loss(D.option_scores(model, batch), batch["labels"])
+    share = loss_weight(mine) / loss_weight(items)
+    local = batch_loss(model, mine or items[:1], pad)
     mean = local.detach() * share
     dist.all_reduce(mean)
     return mean, local * (share * world.size)
@@ -375,9 +434,10 @@ def checkpoint_path(out_dir, method) -> str:
     return os.path.join(out_dir, f"checkpoint-{method}.pt")
 
 
-def _plain(value):
+def plain_value(value):
+    """Tuples as lists, all the way down: a setting as JSON and a checkpoint hold it."""
     if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     return value
 
 
@@ -385,7 +445,7 @@ def checkpoint_settings(s, method) -> dict:
     """The settings a checkpoint must agree with to be resumed (the resolved ones: dtype, device and lr)."""
     import dataclasses
 
-    values = {k: _plain(v) for k, v in dataclasses.asdict(s).items() if k not in CHECKPOINT_FREE}
+    values = {k: plain_value(v) for k, v in dataclasses.asdict(s).items() if k not in CHECKPOINT_FREE}
     return {"method": method, **values}
 
 
@@ -556,26 +616,26 @@ def train_one(method, model, tokenizer_pad, train, dev, test, s, log, governor=N
         ev = evaluate(model, dev, s.eval_batch_size, tokenizer_pad, s.progress, f"[{method}] dev",
                       governor) if dev else None
         mean_loss = sum(losses[-steps_per_epoch:]) / steps_per_epoch
-        dev_hist.append({"epoch": epoch, "train_loss": mean_loss, "dev_accuracy": ev and ev["accuracy"],
-                         "dev_loss": ev and ev["loss"], "step": len(losses)})
-        log(f"[{method}] epoch {epoch}: train loss {mean_loss:.4f}"
-            + (f", dev accuracy {ev['accuracy']:.3f} (loss {ev['loss']:.4f})" if ev else ""))
-        if ev is None or best is None or ev["accuracy"] > best[1] or (ev["accuracy"] == best[1] and
-                                                                       ev["loss"] < best[2]):
-            best = (epoch, ev and ev["accuracy"], ev and ev["loss"])
+        dev_hist.append({"epoch": epoch, "train_loss": mean_loss, "dev_accuracy": ev and ev.get("accuracy"),
+                         "dev_loss": ev and ev["loss"], "step": len(losses)}
+                        | ({"dev_exact_match": ev and ev["exact_match"]} if is_sft(dev) else {}))
+        log(f"[{method}] epoch {epoch}: train loss {mean_loss:.4f}" + (f", {describe(ev)}" if ev else ""))
+        if better(ev, best):
+            best = (epoch, ev and ev.get("accuracy"), ev and ev["loss"])
             snap = snapshot(model) if epoch < s.epochs else None  # the last epoch's values are the model's
         save(True, 0.0)
         epoch, pos, batches = epoch + 1, 0, None
     if best[0] != s.epochs:
         restore_snapshot(model, snap)
-        log(f"[{method}] restored the best epoch ({best[0]}, dev accuracy {best[1]:.3f})")
+        log(f"[{method}] restored the best epoch ({best[0]}: "
+            + (f"dev accuracy {best[1]:.3f})" if best[1] is not None else f"dev loss {best[2]:.4f})"))
     snap = None  # free the best epoch's copy
     ev_test = evaluate(model, test, s.eval_batch_size, tokenizer_pad, s.progress, f"[{method}] test", governor)
     adapter, size = save_trained(model, method, s.output_dir) if world.main else (s.output_dir, 0)
     result = {"method": method, **info, "lr": lr, "lr_rule": rule, "epochs": s.epochs, "steps": len(losses),
-              "best_epoch": best[0], "best_dev_accuracy": best[1], "test_accuracy": ev_test["accuracy"],
-              "test_per_class": ev_test["per_class"],
-              "test_loss": ev_test["loss"], "history": dev_hist, "train_loss": losses,
+              "best_epoch": best[0], "best_dev_accuracy": best[1], "best_dev_loss": best[2],
+              **{f"test_{k}": v for k, v in ev_test.items() if k not in ("n", "tokens")},
+              "history": dev_hist, "train_loss": losses,
               "train_seconds": train_time, "seconds": time.perf_counter() - start,
               "seconds_per_step": train_time / max(len(losses), 1), "adapter": os.path.relpath(adapter,
                                                                                                s.output_dir),

