@@ -1,4 +1,5 @@
 """The quick start in docs/quickstart.md and the README runs as written."""
+import json
 import pathlib
 import re
 
@@ -96,3 +97,38 @@ def test_the_trl_example_in_the_peft_doc_runs_as_written(tmp_path, monkeypatch):
     loaded = PeftModel.from_pretrained(base_model("llama"), tmp_path / "out" / "adapter")
     assert torch.equal(logits(loaded), logits(trained.eval()))
     assert not torch.equal(logits(loaded), logits(base_model("llama")))
+
+
+def test_the_readme_own_task_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """The README's two `randmask finetune` examples, on generated files of the shapes they name and a tiny model
+    (the options that size the run are appended)."""
+    import gzip
+    import shlex
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "recipes"))
+    from tiny_task import run_cli, save_tiny_model_dir, write_csv, write_sft_jsonl
+
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+                 if "--verbalizers" in b)
+    lines = [line.split("#")[0].rstrip() for line in block.replace("\\\n", " ").splitlines()]
+    commands = [shlex.split(line) for line in lines if line.strip()]
+    assert [c[:4] for c in commands] == [["python", "-m", "randmask", "finetune"]] * 2
+    monkeypatch.chdir(tmp_path)
+    model_dir = save_tiny_model_dir(tmp_path / "model")
+    rows = write_csv(tmp_path / "plain.csv", n=80, labels=("ham", "spam")).read_text().splitlines()[1:]
+    (tmp_path / "spam.csv.gz").write_bytes(gzip.compress(("message,category\n" + "\n".join(rows) + "\n").encode()))
+    write_sft_jsonl(tmp_path / "qa.jsonl", n=80)
+    for i, command in enumerate(commands):
+        code, out, err = run_cli(capsys, *command[3:], "--model", str(model_dir), "--split", "40,16,16", "--epochs",
+                                 "1", "--density", "0.25", "--dtype", "float32", "--threads", "1", "--no-progress",
+                                 "--output-dir", f"run{i}")
+        assert code == 0, err
+        metrics = json.loads((tmp_path / f"run{i}" / "metrics.json").read_text())
+        assert set(metrics["methods"]) == {"randmask", "lora"}
+        if metrics["task"] == "classify":
+            assert metrics["verbalizers"] == {"spam": "yes", "ham": "no"} and "' yes'" in out
+        else:
+            assert metrics["methods"]["randmask"]["test_loss"] < metrics["zero_shot"]["test_loss"]
+    assert [json.loads((tmp_path / f"run{i}" / "metrics.json").read_text())["task"] for i in (0, 1)] == [
+        "classify", "sft"]

@@ -147,8 +147,9 @@ def load_file(path, text_column: str = "text", label_column: str = "label", labe
     return data
 
 
-def _shown(values, limit=10) -> str:
-    values = list(values)
+def _shown(values, limit=10, width=40) -> str:
+    """At most `limit` values, each cut to `width` characters (a header row of data holds whole texts)."""
+    values = [v if len(str(v)) <= width else f"{str(v)[:width - 3]}..." for v in values]
     return str(values[:limit])[:-1] + (f", ... ({len(values)} in all)]" if len(values) > limit else "]")
 
 

