@@ -166,11 +166,12 @@ def check_settings(s: Settings) -> None:
         raise FinetuneError("--prompt-column and --completion-column apply to --task sft; classification reads "
                             "--text-column and --label-column")
     if s.verbalizers is not None:
-        labels = [pair[0] for pair in s.verbalizers]
-        if (len(labels) < 2 or len(set(labels)) != len(labels)
-                or not all(len(pair) == 2 and all(str(x).strip() for x in pair) for pair in s.verbalizers)):
+        pairs = [pair for pair in s.verbalizers if isinstance(pair, (tuple, list)) and len(pair) == 2
+                 and all(isinstance(x, str) and x.strip() for x in pair)]
+        labels = {label for label, _ in pairs}
+        if len(pairs) != len(s.verbalizers) or len(labels) != len(pairs) or len(labels) < 2:
             raise FinetuneError(f"--verbalizers needs a non-empty word for each of two or more different labels, "
-                                f"got {[list(pair) for pair in s.verbalizers]}")
+                                f"got {list(s.verbalizers)}")
     for name in ("epochs", "batch_size", "eval_batch_size", "lora_r"):
         if getattr(s, name) < 1:
             raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
@@ -204,6 +205,8 @@ def resolve_settings(s: Settings) -> str:
     """Check the settings and resolve them in place: --lr to a number or "auto", the device and dtype from "auto",
     torch's threads set to --threads if given. Returns why the dtype is what it is."""
     s.lr = _lr_value(s.lr)
+    if isinstance(s.verbalizers, dict):  # {"spam": "yes", "ham": "no"} from Python
+        s.verbalizers = tuple(s.verbalizers.items())
     check_settings(s)
     if s.max_length is None:
         s.max_length = MAX_LENGTH[s.task]
