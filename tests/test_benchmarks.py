@@ -214,7 +214,7 @@ def test_bench_positions_matrix_and_model(dataset):
 
 @pytest.mark.full
 def test_bench_e2e_per_process_and_in_one_process(dataset):
-    small = ["--batch", "1", "--seq", "8", "--steps", "2", "--warmup", "1", "--settings", "qv"]
+    small = ["--shape", "tiny", "--batch", "1", "--seq", "8", "--steps", "2", "--warmup", "1", "--settings", "qv"]
     _run("bench_e2e.py", dataset, *small, "--rounds", "1", "--methods", "frozen,randmask,lora")
     _run("bench_e2e.py", dataset, *small, "--one-process", "--methods", "frozen,randmask")
     rows = _rows(dataset, "e2e")
@@ -223,7 +223,7 @@ def test_bench_e2e_per_process_and_in_one_process(dataset):
         "frozen": None, "randmask": "qv", "lora": "qv"}
     assert all(row["peak_bytes"] > 0 and len(row["seconds"]) == 2 for row in per_process)
     assert next(row for row in per_process if row["variant"] == "randmask")["adapter_bytes"] > 0
-    assert {row["table"] for row in rows} == {"135m_float32", "135m_float32_one-process"}
+    assert {row["table"] for row in rows} == {"tiny_float32", "tiny_float32_one-process"}
 
 
 @pytest.mark.full

@@ -154,7 +154,8 @@ resume  after every epoch (and every --checkpoint-every N steps) each method's c
         bitwise those of an uninterrupted run. A checkpoint written with other settings is refused.
 
 The defaults (2 epochs over 500 of the 1000 training examples, dev 500, test 1000, bfloat16 on CPUs that have
-it) finish in about 4 minutes on 2 CPU cores; --max-train 1000 --epochs 5 is the paper's schedule."""
+it) finish in about 2 minutes on 2 CPU cores with bfloat16, 5 in float32 (BENCHMARKS.md, "The fine-tuning
+command"); --max-train 1000 --epochs 5 is the paper's schedule."""
 
 
 def _verbalizers(text):

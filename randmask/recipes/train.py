@@ -459,6 +459,9 @@ def save_checkpoint(path, state) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the mode open() gives, as other tools' checkpoints (mkstemp's is 0600)
         os.replace(tmp, path)
     except BaseException:
         try:

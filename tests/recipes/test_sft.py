@@ -153,5 +153,5 @@ def test_sft_end_to_end_lowers_the_held_out_loss(tmp_path, capsys, chat):
     assert ev["loss"] == pytest.approx(tuned["test_loss"], rel=1e-5)
     # shareable outputs: group-readable files, no absolute local paths
     assert [text for text in strings(metrics) if os.path.isabs(text)] == []
-    for name in ("metrics.json", "randmask_adapter.safetensors", "loss_curve.png"):
+    for name in ("metrics.json", "randmask_adapter.safetensors", "loss_curve.png", "checkpoint-randmask.pt"):
         assert (out_dir / name).stat().st_mode & 0o777 == 0o666 & ~current_umask()
