@@ -107,7 +107,10 @@ def load_file(path, text_column: str = "text", label_column: str = "label", labe
     rows, columns = read_table(path, delimiter=delimiter, header=header, encoding=encoding)
     for role, column in (("text", text_column), ("label", label_column)):
         if column not in columns:
-            hint = header_hint(columns, rows)
+            hint = (header_hint(columns, rows) if header else "with --no-header the columns are named by position: "
+                    f"1 to {len(columns)}")
+            if len(columns) == 1:
+                hint = "the rows hold one field: give the file's --delimiter (tab, ';', ...)"
             raise DataError(f"data file {path!r} has no {role} column {column!r}; its columns are "
                             f"{_shown(columns)} (choose with --{role}-column)" + (f"; {hint}" if hint else ""))
     pairs = []

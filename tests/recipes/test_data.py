@@ -158,6 +158,10 @@ def test_data_files_as_people_have_them(tmp_path):
     assert (got.classes, got.examples) == (want.classes, want.examples)
     with pytest.raises(D.DataError, match="no text column 'text'.*--no-header"):
         D.load_file(tsv, "text", "label")
+    with pytest.raises(D.DataError, match="with --no-header the columns are named by position: 1 to 2"):
+        D.load_file(tsv, "text", "label", header=False)
+    with pytest.raises(D.DataError, match="the rows hold one field: give the file's --delimiter"):
+        D.load_file(plain, "text", "label", delimiter=";")
     (tmp_path / "d.csv.gz").write_bytes(gzip.compress(plain.read_bytes()))
     (tmp_path / "d.csv.bz2").write_bytes(bz2.compress(plain.read_bytes()))
     for name in ("d.csv.gz", "d.csv.bz2"):

@@ -155,3 +155,15 @@ def test_sft_end_to_end_lowers_the_held_out_loss(tmp_path, capsys, chat):
     assert [text for text in strings(metrics) if os.path.isabs(text)] == []
     for name in ("metrics.json", "randmask_adapter.safetensors", "loss_curve.png", "checkpoint-randmask.pt"):
         assert (out_dir / name).stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def test_sft_full_fine_tuning_through_the_same_flags(tmp_path, model_dir, capsys):
+    data = write_sft_jsonl(tmp_path / "qa.jsonl")
+    code, _, err = run_cli(capsys, "finetune", "--task", "sft", "--method", "full", "--model", str(model_dir),
+                           "--data", str(data), "--split", "60,20,40", "--epochs", "1", "--lr", "3e-3", "--dtype",
+                           "float32", "--threads", "1", "--output-dir", str(tmp_path / "full"), "--no-progress")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    full = metrics["methods"]["full"]
+    assert full["trainable"] == full["total_params"] and full["test_loss"] < metrics["zero_shot"]["test_loss"]
+    assert (tmp_path / "full" / "full_model" / "config.json").exists()
