@@ -28,10 +28,20 @@ def delta_parameters(model: nn.Module) -> set:
 def fully_shard(model: nn.Module, modules=(), **kwargs) -> nn.Module:
     """FSDP2 for a model randmask.apply has masked: fully_shard(m, ignored_params=the deltas, **kwargs) on each of
     `modules` (e.g. the decoder layers), then on `model`; then replicate_deltas over the mesh's process group.
-    Takes fully_shard's keyword arguments (mesh, mp_policy, reshard_after_forward, ...). Returns `model`."""
+    Takes fully_shard's keyword arguments (mesh, mp_policy, reshard_after_forward, ...). Returns `model`. Conv1D
+    (GPT-2 style) and bitsandbytes-quantized masked layers are refused (ValueError) before any module changes."""
     if next(masked_layers(model), None) is None:
         raise ValueError("randmask.distributed.fully_shard: the model has no masked layers; call randmask.apply "
                          "first (masks are computed from the whole weights, before they are sharded)")
+    for name, layer in masked_layers(model):  # refused before FSDP changes any module
+        if layer.transposed:
+            raise ValueError(f"randmask.distributed.fully_shard: {name!r} is a transformers Conv1D (GPT-2 style), "
+                             "whose masked weight is a transposed view that FSDP2 cannot shard; train such a model "
+                             "with DDP (randmask.distributed.average_gradients)")
+        if layer.quantization is not None:
+            raise ValueError(f"randmask.distributed.fully_shard: {name!r} is quantized by bitsandbytes, whose packed "
+                             "weights FSDP2 cannot shard; train a quantized base with DDP "
+                             "(randmask.distributed.average_gradients)")
     ignored = set(kwargs.pop("ignored_params", None) or ()) | delta_parameters(model)
     for module in modules:
         _fsdp_fully_shard(module, ignored_params=ignored, **kwargs)

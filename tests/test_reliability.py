@@ -619,3 +619,32 @@ def test_a_bad_input_is_a_clear_error_and_changes_nothing(call, exception, match
 
 def test_there_are_at_least_a_hundred_cases():
     assert len(CASES) >= 100, len(CASES)
+
+
+# ---------------------------------------------------------------------------------------------------- FSDP2
+@pytest.mark.parametrize("kind", ["conv1d", "4bit"])
+def test_fsdp2_refuses_layers_it_cannot_shard_before_changing_anything(kind):
+    """randmask.distributed.fully_shard on GPT-2's Conv1D (a transposed, non-contiguous weight) or a bitsandbytes
+    4-bit base: a clear error naming the layer and DDP as the way, and no module sharded (no process group needed:
+    it is refused first)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    import randmask.distributed
+
+    if kind == "conv1d":
+        from test_model import tiny_gpt2
+
+        model = randmask.apply(tiny_gpt2(), RandMaskConfig(density=0.05, target_modules=("c_attn",)))
+        blocks, match = model.transformer.h, "'transformer.h.0.attn.c_attn' is a transformers Conv1D"
+    else:
+        from test_quantized import quantize_model
+        from test_quantized import tiny_llama as tiny_quantizable
+
+        model = randmask.apply(quantize_model(tiny_quantizable(), "nf4"), RandMaskConfig(density=0.05))
+        blocks, match = model.model.layers, "'model.layers.0.self_attn.q_proj' is quantized by bitsandbytes"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match + ".*DDP"):
+        randmask.distributed.fully_shard(model, blocks)
+    assert not any(isinstance(m, FSDPModule) for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
