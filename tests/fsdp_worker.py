@@ -1,6 +1,7 @@
 """One rank of tests/test_distributed.py, under torchrun: a tiny Llama masked by randmask, sharded with FSDP2
 (randmask.distributed.fully_shard per decoder layer and at the root), 3 steps on this rank's half of a global batch.
-Writes what the test compares into OUT: the deltas, the adapter, logits, per-rank checks."""
+Writes what the test compares into OUT: the deltas, the adapter, logits, per-rank checks (among them: the adapter
+loaded onto another sharded model gives the same logits)."""
 import json
 import os
 import sys
@@ -73,6 +74,13 @@ def main(out, targets, mode, optimizer, steps, mixed, resume_after):
     with torch.no_grad():
         logits = model(tokens(99, batch=2)).logits
     randmask.save_adapter(model, os.path.join(out, "adapter.safetensors"))
+    dist.barrier()  # rank 0 has written it
+    # load_adapter onto another sharded model (masked before sharding, as every randmask model is): the same logits
+    fresh, _ = build()
+    randmask.load_adapter(fresh, os.path.join(out, "adapter.safetensors"))
+    with torch.no_grad():
+        checks["loaded_onto_sharded"] = bool(torch.equal(fresh(tokens(99, batch=2)).logits, logits))
+    del fresh
     with open(os.path.join(out, f"checks{rank}.json"), "w") as f:
         json.dump(checks, f)
     if rank == 0:

@@ -49,6 +49,7 @@ def test_fsdp2_trains_as_one_process_does(tmp_path, targets, mode, optimizer):
         torch.testing.assert_close(result["deltas"][name], layer.delta.detach(), rtol=1e-4, atol=1e-6)
     assert all(c["unchanged"] for c in checks)  # every rank's unmasked entries are bitwise the base's
     assert all(0.45 < c["local_fraction"] < 0.55 for c in checks)  # each rank holds about half the base bytes
+    assert all(c["loaded_onto_sharded"] for c in checks)  # load_adapter onto a sharded model: the same logits
 
     # the adapter rank 0 wrote loads onto a fresh single-process base: the sharded model's logits, exactly
     loaded = randmask.load_adapter(tiny_llama(), tmp_path / "adapter.safetensors")
