@@ -85,3 +85,19 @@ def test_a_killed_fsdp2_run_resumes_from_its_distributed_checkpoint(tmp_path, op
     for name, delta in straight["deltas"].items():  # step 3 after the resume is the uninterrupted run's step 3
         assert torch.equal(resumed["deltas"][name], delta)
     assert torch.equal(resumed["logits"], straight["logits"])
+
+
+def test_transformers_trainer_with_accelerate_fsdp2_trains_a_presharded_randmask_model(tmp_path):
+    """docs/architecture.md's Trainer recipe on 2 gloo ranks (tests/trainer_fsdp_worker.py: the deltas move and agree
+    across ranks, the gathered weights are W0 outside the masks and round(W0 + delta) at them); its adapter gives the
+    sharded model's logits on a fresh single-process base."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(HERE / "trainer_fsdp_worker.py"), str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    from trainer_fsdp_worker import tiny_llama as trainer_llama
+
+    saved = torch.load(tmp_path / "logits.pt")
+    model = randmask.load_adapter(trainer_llama(), tmp_path / "adapter.safetensors")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=saved["batch"]).logits.float(), saved["logits"])

@@ -1,7 +1,7 @@
-"""transformers' Trainer with accelerate's FSDP2 on a randmask model (the gpu tier: accelerate runs FSDP only on
-accelerator devices, so the CPU tier cannot; tests/test_distributed.py covers randmask's FSDP2 itself on gloo).
-tests/gpu/trainer_fsdp_worker.py under torchrun on every GPU of the machine (one is enough to run accelerate's FSDP2
-path: world size 1); its adapter, loaded onto a fresh single-process base, gives the sharded model's logits."""
+"""transformers' Trainer with accelerate's FSDP2 on a randmask model, on the GPU as users run it (the CPU tier runs
+the same worker on gloo, with accelerate's device check turned, in tests/test_distributed.py):
+tests/trainer_fsdp_worker.py under torchrun on up to 2 GPUs (one runs accelerate's FSDP2 path too, at world size 1);
+its adapter, loaded onto a fresh single-process base, gives the sharded model's logits."""
 import os
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainer_fsdp_worker.py")
+WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "trainer_fsdp_worker.py")
 
 
 def test_trainer_with_accelerate_fsdp2_trains_a_randmask_model(tmp_path):
