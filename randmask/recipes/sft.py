@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from randmask.recipes import DataError
-from randmask.recipes.data import position_logits
+from randmask.recipes.data import position_logits, right_padded
 from randmask.recipes.files import read_table
 
 __all__ = ["Pair", "Pairs", "SHORT_ANSWER", "load_pairs", "encode_pairs", "collate_pairs", "completion_logprobs",
@@ -154,12 +154,8 @@ def collate_pairs(items: list[dict], pad_id: int = 0) -> dict:
             stok.append(ids[t])
             sitem.append(i)
         rows.append(ids)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for r, ids in enumerate(rows):
-        input_ids[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
     as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    return {"input_ids": input_ids, "score_row": as_long(srow), "score_pos": as_long(spos),
+    return {"input_ids": right_padded(rows, pad_id), "score_row": as_long(srow), "score_pos": as_long(spos),
             "score_token": as_long(stok), "score_item": as_long(sitem), "n_items": len(items)}
 
 

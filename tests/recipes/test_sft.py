@@ -4,28 +4,16 @@ end to end on a generated JSONL (plain and chat) whose held-out loss goes down."
 import json
 import math
 import os
-import types
 
 import pytest
 import torch
+from test_data import Bigram
 from test_finetune import current_umask, strings
 from tiny_task import CHAT_TEMPLATE, run_cli, save_tiny_model_dir, tiny_tokenizer, write_sft_jsonl
 
 from randmask.recipes import DataError
 from randmask.recipes import sft as S
 from randmask.recipes import train as T
-
-
-class Bigram(torch.nn.Module):
-    """A toy LM whose next-token logits depend only on the current token: logits = table[token]."""
-
-    def __init__(self, table):
-        super().__init__()
-        self.table = torch.nn.Parameter(table)
-
-    def forward(self, input_ids):
-        return types.SimpleNamespace(logits=self.table[input_ids])
-
 
 TABLE = torch.tensor([[0.0, 1.0, 2.0, 0.5],
                       [0.0, 0.0, 3.0, 1.0],     # after 1 the argmax is 2
