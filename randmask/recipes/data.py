@@ -255,27 +255,23 @@ def encode(tokenizer, template: Template, examples, max_length: int) -> list[dic
     tokenizer's special tokens (a BOS, if it adds one); the options are tokenized alone (" great"). A prompt too
     long for max_length loses tokens from the left of the text (after a leading BOS), so the template's end and the
     options always survive."""
+    _, options = template.parts("")  # the options do not depend on the text
+    opts = [_ids(tokenizer, o, False) for o in options]
+    for o, o_ids in zip(options, opts):
+        if not o_ids:
+            raise DataError(f"the option {o!r} tokenizes to nothing")
+    if len(set(map(tuple, opts))) != len(opts):
+        same = [o for o, o_ids in zip(options, opts) if opts.count(o_ids) > 1]
+        raise DataError(f"the options {same} tokenize to the same tokens: the model cannot tell them apart; "
+                        "choose other --verbalizers")
+    room = max_length - max(len(o) for o in opts)
+    if room < 2:
+        raise DataError(f"max length {max_length} leaves no room for the prompt (options take up to "
+                        f"{max(len(o) for o in opts)} tokens)")
     out = []
     bos = getattr(tokenizer, "bos_token_id", None)
-    option_cache: dict[str, list[int]] = {}
     for ex in examples:
-        prompt, options = template.parts(ex.text)
-        ids = _ids(tokenizer, prompt, True)
-        opts = []
-        for o in options:
-            if o not in option_cache:
-                option_cache[o] = _ids(tokenizer, o, False)
-                if not option_cache[o]:
-                    raise DataError(f"the option {o!r} tokenizes to nothing")
-            opts.append(option_cache[o])
-        if len(set(map(tuple, opts))) != len(opts):
-            same = [o for o in options if options.count(o) > 1 or opts.count(option_cache[o]) > 1]
-            raise DataError(f"the options {same} tokenize to the same tokens: the model cannot tell them apart; "
-                            "choose other --verbalizers")
-        room = max_length - max(len(o) for o in opts)
-        if room < 2:
-            raise DataError(f"max length {max_length} leaves no room for the prompt (options take up to "
-                            f"{max(len(o) for o in opts)} tokens)")
+        ids = _ids(tokenizer, template.parts(ex.text)[0], True)
         if len(ids) > room:
             keep_bos = bool(ids) and bos is not None and ids[0] == bos
             ids = ([ids[0]] if keep_bos else []) + ids[len(ids) - room + keep_bos:]
