@@ -30,8 +30,8 @@
 #                 what it costs over the plain step)                                                         <= 180 s
 # Sum of the limits: default sections 975 s, e2e-8b + e2e-compile 510 s, e2e-4bit-8b + fits-4bit 570 s; in practice
 # e2e takes ~25 s per process, mostly start-up. Add the machine's start when sizing one call against a time budget.
-# The two 4-bit sections need bitsandbytes (with a libbitsandbytes_cuda<version>.so for torch's CUDA): if the device's
-# python lacks it, carry a copy of the installed package folder and name its parent in RANDMASK_BNB_PATH.
+# The two 4-bit sections need bitsandbytes (the device image has none): `bash benchmarks/gpu_wheels.sh` here fetches it
+# with the PEFT and accelerate the tests run with into .whl/; carry .whl and they are installed into a temporary folder.
 #
 # Every benchmark appends its rows to OUT_DIR/results.jsonl (RANDMASK_BENCH_RESULTS), with the commit from git or,
 # where this copy of the tree has no git metadata, from $RANDMASK_BENCH_COMMIT (pass it in). Back on the main machine,
@@ -66,15 +66,21 @@ echo "== gpu_check $(date -u +%FT%TZ) on $(hostname); sections:$SECTIONS"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
                  'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())" || { echo "no torch"; exit 1; }
-$PY -c "import importlib.metadata as m; print(*(f'{p} {m.version(p)}' for p in
-        ('triton', 'transformers', 'peft', 'accelerate', 'safetensors', 'pytest')), sep=', ')" 2>&1
 
 # The device has no network and pip's editable install wants to fetch setuptools: no install. Lay the package out as
 # setup.py's package_dir does (kernels/ as randmask/kernels, a link in this copy of the tree) and use PYTHONPATH.
 # The native CPU library is not built here: nothing on this machine's GPU path uses it.
 [ -e randmask/kernels ] || ln -s ../kernels randmask/kernels
-export PYTHONPATH="$PWD${RANDMASK_BNB_PATH:+:$RANDMASK_BNB_PATH}${PYTHONPATH:+:$PYTHONPATH}"
+SITE="${TMPDIR:-/tmp}/randmask-gpu-site"  # the carried wheels (benchmarks/gpu_wheels.sh), when there are any
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl ||
+    echo "the carried wheels did not install: the device's own packages are used"
+fi
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "import randmask, randmask.kernels; print('randmask from', randmask.__file__)" || exit 1
+$PY -c "import importlib.metadata as m, importlib.util as u
+print(*(f'{p} {m.version(p) if u.find_spec(p) else None}' for p in
+        ('triton', 'transformers', 'peft', 'accelerate', 'bitsandbytes', 'safetensors', 'pytest')), sep=', ')" 2>&1
 echo "commit measured: $($PY -c 'import sys; sys.path.insert(0, "benchmarks"); import harness; print(harness.git_commit())')"
 
 # ------------------------------------------------------------------------------------------------ triton
@@ -172,7 +178,7 @@ have_bnb() {
   $PY -c "import bitsandbytes, torch
 bitsandbytes.functional.quantize_4bit(torch.randn(64, 64, device='cuda'))  # its CUDA library works
 print('bitsandbytes', bitsandbytes.__version__, 'from', bitsandbytes.__file__)" 2>&1 | grep -v kernels-community ||
-    { echo "bitsandbytes cannot run here: section $1 skipped (see RANDMASK_BNB_PATH above)"; return 1; }
+    { echo "bitsandbytes cannot run here: section $1 skipped (carry .whl: benchmarks/gpu_wheels.sh)"; return 1; }
 }
 if want e2e-4bit-8b && have_bnb e2e-4bit-8b; then
   echo; echo "== section e2e-4bit-8b $(elapsed)"

@@ -162,6 +162,43 @@ def test_every_script_explains_itself():
         assert done.returncode == 0 and len(done.stdout) > 500, script
 
 
+def _wheel(folder: pathlib.Path, name: str, version: str) -> pathlib.Path:
+    """A minimal pure-Python wheel of an empty package `name`."""
+    import zipfile
+
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": "",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, text in files.items():
+            archive.writestr(member, text)
+    return path
+
+
+@pytest.mark.full
+def test_gpu_check_lays_out_the_copy_installs_the_carried_wheels_and_runs_only_the_asked_sections(tmp_path):
+    # what a device call does before its first section, on a copy of the tree without git metadata
+    import shutil
+
+    tree = tmp_path / "tree"
+    for folder in ("randmask", "kernels", "benchmarks"):
+        shutil.copytree(BENCHMARKS.parent / folder, tree / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "results"))
+    (tree / ".whl").mkdir()
+    _wheel(tree / ".whl", "peft", "0.0.1")  # a carried version shadows the machine's own
+    env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path), "RANDMASK_BENCH_COMMIT": "abc1234"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(["bash", str(tree / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out"), "none"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    log = (tmp_path / "out" / "gpu_check.txt").read_text()
+    assert done.returncode == 0, log[-3000:]
+    assert f"randmask from {tree / 'randmask' / '__init__.py'}" in log and "commit measured: abc1234" in log
+    assert "peft 0.0.1" in log and "== section" not in log and "gpu_check done" in log
+
+
 def test_bench_sparse_add_times_every_implementation_and_the_dense_baseline(dataset):
     _run("bench_sparse_add.py", dataset, "--shapes", "24x40", "--tokens", "32", "--densities", "0.05,0.5",
          "--repeats", "3", "--threads", "1")
