@@ -125,7 +125,8 @@ classify (default --task) Default data: positive vs negative tweets (neutral dro
 sft     --task sft: records with --prompt-column and --completion-column (plain text; an EOS is appended to the
         completion) or chat `messages` (rendered with the model's chat template); the loss is on the completion
         tokens only. Reported: held-out loss, perplexity and, when every completion is a short answer (<= 16
-        tokens), exact match (the greedy answer is the completion), zero-shot vs fine-tuned.
+        tokens), exact match (the greedy answer is the completion), zero-shot vs fine-tuned, and beside them
+        always answering the training part's most frequent completion.
 split   Repeated texts (prompts) are dropped; one seeded shuffle gives the MeZO split (--split 1000,500,1000:
         train, dev, test).
 method  randmask: train a fixed, seed-addressed random subset of the --targets matrices (--trainable-ratio of

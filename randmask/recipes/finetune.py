@@ -12,9 +12,9 @@ classification task in the paper's recipe (Xu & Zhang 2024, on MeZO's setup) or 
              lora is QLoRA
     train    AdamW, constant LR, weight decay 0, gradient clipping at 1.0, no warmup; dev accuracy (sft: loss) after
              every epoch, the best epoch's trainable values restored at the end (randmask.recipes.train)
-    report   the baselines (majority class and zero-shot; sft: zero-shot) and the fine-tuned test result, trainable
-             count, adapter size, time, peak memory; the adapter, metrics.json and loss_curve.png in the output
-             directory (randmask.recipes.report)
+    report   the baselines (majority class and zero-shot; sft: zero-shot and the most frequent answer) and the
+             fine-tuned test result, trainable count, adapter size, time, peak memory; the adapter, metrics.json and
+             loss_curve.png in the output directory (randmask.recipes.report)
 
 This module holds the settings and the orchestration: prepare_task(s) checks the settings and prepares the task
 (data, split, governor, model, tokenizer, encoded examples); run(s) is prepare_task, the zero-shot test accuracy,
@@ -62,6 +62,7 @@ from randmask.recipes.train import (
     evaluate,
     load_checkpoint,
     majority_baseline,
+    most_frequent_answer,
     plain_value,
     start_governor,
     start_world,
@@ -364,6 +365,11 @@ def _run(s: Settings, log) -> dict:
     if sft:
         log(f"zero-shot {describe(zero, 'test')} ({zero['n']} records, {zero['tokens']:,} completion tokens, "
             f"{zero_seconds:.0f} s)")
+        majority = most_frequent_answer(enc["train"], enc["test"]) if zero["exact_match"] is not None else None
+        if majority:
+            majority["text"] = task.tokenizer.decode(majority.pop("answer"), skip_special_tokens=True).strip()
+            log(f"always answering the most frequent completion of the training set {majority['text']!r}: exact "
+                f"match {majority['test_exact_match']:.3f}")
     else:
         majority = majority_baseline(task.train, task.test)
         majority["class"] = task.dataset.classes[majority["label"]]
@@ -388,7 +394,7 @@ def _run(s: Settings, log) -> dict:
     if sft:
         zero_record = {"test_loss": zero["loss"], "test_perplexity": zero["perplexity"],
                        "test_exact_match": zero["exact_match"], "seconds": zero_seconds}
-        task_record = {"records": len(task.dataset.examples), "chat": task.dataset.chat}
+        task_record = {"records": len(task.dataset.examples), "chat": task.dataset.chat, "majority": majority}
         method_records = {r["method"]: r for r in results}
     else:
         classes = task.dataset.classes
@@ -417,6 +423,6 @@ def _run(s: Settings, log) -> dict:
         return metrics
     report.write_metrics(os.path.join(s.output_dir, "metrics.json"), metrics)
     report.plot_results(results, zero, os.path.join(s.output_dir, "loss_curve.png"), log,
-                        majority=majority and majority["test_accuracy"])
+                        majority=None if sft else majority["test_accuracy"])
     report.log_summary(results, zero, len(task.test), metrics, s.output_dir, log)
     return metrics

@@ -120,7 +120,8 @@ def write_metrics(path, metrics: dict) -> None:
 
 def log_summary(results, zero, n_test: int, metrics: dict, output_dir: str, log) -> None:
     """The closing table: one row per method beside the baselines (the majority class and zero-shot; sft: zero-shot
-    loss, perplexity and exact match), then the test-set size, wall time, peak memory and where it all went."""
+    loss, perplexity and exact match, and the most frequent answer's exact match where one repeats), then the
+    test-set size, wall time, peak memory and where it all went."""
     log("")
     if "accuracy" in zero:
         log(f"{'method':<10} {'trainable':>12} {'lr':>8} {'majority':>9} {'zero-shot':>10} {'fine-tuned':>11} "
@@ -138,7 +139,10 @@ def log_summary(results, zero, n_test: int, metrics: dict, output_dir: str, log)
                 f"{r['test_loss']:<7.3f} {zero['perplexity']:>7.2f} -> {r['test_perplexity']:<7.2f} "
                 + (f"{zero['exact_match']:>5.3f} -> {r['test_exact_match']:<5.3f} " if exact else "")
                 + f"{r['adapter_bytes'] / 1024:>7.1f} KiB {r['train_seconds']:>8.0f}")
+        majority = metrics.get("majority")
         log("(zero-shot -> fine-tuned" + ("; exact match: the greedy answer is the completion" if exact else
-                                          "; exact match only for short answers") + ")")
+                                          "; exact match only for short answers")
+            + (f"; always answering {majority['text']!r}: {majority['test_exact_match']:.3f}" if majority else "")
+            + ")")
     log(f"test set: {n_test} examples; wall time {metrics['seconds']:.0f} s; peak memory (RSS) "
         f"{metrics['peak_rss_mib']:.0f} MiB; wrote metrics.json, loss_curve.png and the adapter to {output_dir}")

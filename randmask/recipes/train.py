@@ -35,9 +35,9 @@ from randmask.recipes import data as D
 from randmask.recipes import sft as S
 
 __all__ = ["METHODS", "DEFAULT_RATIO", "auto_lr", "ThreadGovernor", "start_governor", "train_batches", "is_sft",
-           "batch_loss", "loss_weight", "evaluate", "describe", "better", "apply_method", "make_optimizer",
-           "snapshot", "restore_snapshot", "save_trained", "checkpoint_path", "plain_value", "checkpoint_settings",
-           "save_checkpoint", "load_checkpoint", "check_checkpoint", "train_one"]
+           "batch_loss", "loss_weight", "evaluate", "describe", "better", "majority_baseline", "most_frequent_answer",
+           "apply_method", "make_optimizer", "snapshot", "restore_snapshot", "save_trained", "checkpoint_path",
+           "plain_value", "checkpoint_settings", "save_checkpoint", "load_checkpoint", "check_checkpoint", "train_one"]
 
 PEFT_PIP = "pip install peft"
 METHODS = ("randmask", "lora", "full")
@@ -272,6 +272,18 @@ def majority_baseline(train, test) -> dict:
     counts = collections.Counter(e.label for e in train)
     label = max(sorted(counts), key=lambda c: counts[c]) if counts else 0
     return {"label": label, "test_accuracy": sum(e.label == label for e in test) / max(len(test), 1)}
+
+
+def most_frequent_answer(train, test) -> dict | None:
+    """sft: always answering the completion most frequent in `train` (encoded items, compared as tokens; ties: the
+    first seen): its exact match on `test`, the bar for short answers drawn from a few labels. None when no
+    completion occurs twice in `train` (free-form answers have no such bar)."""
+    counts = collections.Counter(tuple(item["completion"]) for item in train)
+    if not counts or counts.most_common(1)[0][1] < 2:
+        return None
+    answer = counts.most_common(1)[0][0]
+    return {"answer": list(answer),
+            "test_exact_match": sum(tuple(item["completion"]) == answer for item in test) / max(len(test), 1)}
 
 
 # ---------------------------------------------------------------------------------------------------- methods

@@ -1,6 +1,7 @@
 """`randmask finetune --task sft` (randmask/recipes/sft.py and its use in train.py / finetune.py): records, tokens and
 truncation, the loss on the completion tokens only against a hand computation, exact match, and a tiny model trained
 end to end on a generated JSONL (plain and chat) whose held-out loss goes down."""
+import collections
 import json
 import math
 import os
@@ -49,6 +50,17 @@ def test_evaluate_gives_loss_perplexity_and_exact_match():
     assert ev["exact_match"] == 0.5
     long = [{"prompt": [0], "completion": [1] * (S.SHORT_ANSWER + 1)}]
     assert T.evaluate(Bigram(TABLE.clone()), long, 4, 0)["exact_match"] is None  # not a short answer
+
+
+def test_most_frequent_answer_is_the_bar_for_repeated_short_answers():
+    def items(*completions):
+        return [{"prompt": [0], "completion": list(c)} for c in completions]
+
+    train = items((1, 2), (3,), (1, 2), (3,), (1, 2))
+    assert T.most_frequent_answer(train, items((1, 2), (3,), (1, 2, 0))) == {"answer": [1, 2],
+                                                                            "test_exact_match": 1 / 3}
+    assert T.most_frequent_answer(items((3,), (1,), (1,), (3,)), items((3,), (3,)))["answer"] == [3]  # tie: first
+    assert T.most_frequent_answer(items((1,), (2,), (3,)), items((1,))) is None  # free-form: no answer repeats
 
 
 def test_tokens_plain_chat_and_truncation():
@@ -139,6 +151,13 @@ def test_sft_end_to_end_lowers_the_held_out_loss(tmp_path, capsys, chat):
                                      threads=1, progress=False), log=lambda *a: None)
     ev = T.evaluate(model, task.enc["test"], 32, task.pad)
     assert ev["loss"] == pytest.approx(tuned["test_loss"], rel=1e-5)
+    # the most frequent answer's bar, counted here on the answers' text
+    answers = {part: [p.messages[-1][1] if chat else p.completion for p in getattr(task, part)]
+               for part in ("train", "test")}
+    top = collections.Counter(answers["train"]).most_common(1)[0][0]
+    assert metrics["majority"]["text"].endswith(top)
+    assert metrics["majority"]["test_exact_match"] == answers["test"].count(top) / len(answers["test"])
+    assert f"always answering {metrics['majority']['text']!r}" in out
     # shareable outputs: group-readable files, no absolute local paths
     assert [text for text in strings(metrics) if os.path.isabs(text)] == []
     for name in ("metrics.json", "randmask_adapter.safetensors", "loss_curve.png", "checkpoint-randmask.pt"):
