@@ -155,8 +155,8 @@ def _rows(dataset, bench):
 @pytest.mark.full
 def test_every_script_explains_itself():
     for script in ("bench_masked_grad.py", "bench_update.py", "bench_positions.py", "bench_overhead.py",
-                   "bench_sparse_add.py", "bench_e2e.py", "bench_distributed.py", "profile_step.py", "profile_eval.py",
-                   "report.py"):
+                   "bench_sparse_add.py", "bench_e2e.py", "bench_distributed.py", "bench_attention.py",
+                   "profile_step.py", "profile_eval.py", "report.py"):
         done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}, timeout=120)
         assert done.returncode == 0 and len(done.stdout) > 500, script
@@ -428,6 +428,18 @@ def test_bench_e2e_quantized_one_process_and_fits_at_the_tiny_shape(dataset):
     assert [(r["params"]["shape"], r["params"]["setting"], r["variant"], r["oom"]) for r in fits] == [
         ("tiny", "qv", "randmask", False), ("tiny", "qv", "lora", False)]  # the q,v randmask step fits at tiny
     assert all(r["peak_bytes"] > 0 for r in fits)
+
+
+def test_bench_attention_times_both_implementations_per_dtype(tmp_path, capsys):
+    sys.path.insert(0, str(BENCHMARKS.parent / "tests" / "recipes"))
+    import bench_attention
+    from tiny_task import save_tiny_model_dir, write_csv
+
+    model_dir, data = save_tiny_model_dir(tmp_path / "model"), write_csv(tmp_path / "d.csv")
+    bench_attention.main(["--model", str(model_dir), "--data", str(data), "--dtypes", "float32,bfloat16",
+                          "--steps", "1", "--max-eval", "8", "--rounds", "2"])
+    rows = re.findall(r"^\| (float32|bfloat16) \| (\d+) ms \| (\d+) ms \| ([\d.]+)x \|", capsys.readouterr().out, re.M)
+    assert [row[0] for row in rows] == ["float32", "bfloat16"] and all(float(row[3]) > 0 for row in rows)
 
 
 def test_profile_eval_times_batch_sizes_and_groups_the_ops(tmp_path, capsys):

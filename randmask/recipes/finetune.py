@@ -286,7 +286,8 @@ def prepare_task(s: Settings, log=print) -> Task:
     base = describe_base(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     log(f"model: {model_dir} ({type(model).__name__}, {randmask.count_parameters(model):,} parameters, "
-        f"{s.dtype} ({dtype_why}), {s.device}, loaded in {load_seconds:.1f} s)")
+        f"{s.dtype} ({dtype_why}), {s.device}, {model.config._attn_implementation} attention, loaded in "
+        f"{load_seconds:.1f} s)")
     if base["kind"]:
         log(f"base: linear layers quantized by bitsandbytes to {s.quantize} ({base['kind']}"
             + (f", computing in {base['compute_dtype']}" if base["compute_dtype"] else "")

@@ -144,8 +144,12 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu", quantize:
     except (OSError, ValueError, TypeError) as exc:
         raise FinetuneError(f"cannot load the tokenizer from {path!r}: {exc}") from None
     extra = {}
+    if device == "cpu" and dtype in ("bfloat16", "float16"):
+        # torch's fused CPU attention runs slower than plain matrix products at these dtypes and the recipe's
+        # lengths (BENCHMARKS.md, "Attention on the CPU")
+        extra["attn_implementation"] = "eager"
     if QUANTIZE[quantize]:
-        extra = dict(quantization_config=bnb_config(QUANTIZE[quantize], DTYPES[dtype]), device_map={"": device})
+        extra.update(quantization_config=bnb_config(QUANTIZE[quantize], DTYPES[dtype]), device_map={"": device})
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True, **extra)
     except (OSError, ValueError, KeyError) as exc:

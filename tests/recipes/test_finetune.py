@@ -172,6 +172,13 @@ def test_a_lora_adapter_is_saved_without_a_hub_lookup_and_reloads(tmp_path, monk
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
+def test_the_cpu_runs_half_precision_with_eager_attention(model_dir):
+    # the fused SDPA kernel is the slower one on the CPU in bfloat16 (benchmarks/bench_attention.py); float32 keeps it
+    chosen = {dtype: load_model(str(model_dir), dtype, "cpu")[0].config._attn_implementation
+              for dtype in ("bfloat16", "float16", "float32")}
+    assert chosen == {"bfloat16": "eager", "float16": "eager", "float32": "sdpa"}
+
+
 def test_thread_governor_yields_cores_to_other_processes(monkeypatch):
     threads = {"n": 2}
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads["n"])
