@@ -278,10 +278,9 @@ def most_frequent_answer(train, test) -> dict | None:
     """sft: always answering the completion most frequent in `train` (encoded items, compared as tokens; ties: the
     first seen): its exact match on `test`, the bar for short answers drawn from a few labels. None when no
     completion occurs twice in `train` (free-form answers have no such bar)."""
-    counts = collections.Counter(tuple(item["completion"]) for item in train)
-    if not counts or counts.most_common(1)[0][1] < 2:
+    answer, count = (collections.Counter(tuple(item["completion"]) for item in train).most_common(1) or [((), 0)])[0]
+    if count < 2:
         return None
-    answer = counts.most_common(1)[0][0]
     return {"answer": list(answer),
             "test_exact_match": sum(tuple(item["completion"]) == answer for item in test) / max(len(test), 1)}
 
